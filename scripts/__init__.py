@@ -1,0 +1,1 @@
+"""Python components of the DHR bundle, referenced from `configs/*.yaml` as `scripts.<module>.<Name>`."""
