@@ -1,0 +1,89 @@
+import numpy as np
+import pytest
+import torch
+
+from scripts.sampler import VoxelPairSamplerd
+
+SHAPE = (40, 36, 20)
+PATCH = (16, 12, 8)
+
+
+def coordinate_volume(body: np.ndarray) -> dict[str, torch.Tensor]:
+    """An image whose value at each voxel is its linear index (exact in float32 for small volumes)."""
+    image = torch.arange(int(np.prod(SHAPE)), dtype=torch.float32).reshape(1, *SHAPE)
+    return {"image": image, "body": torch.from_numpy(body)[None]}
+
+
+def ellipsoid_body() -> np.ndarray:
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in SHAPE], indexing="ij"))
+    return (grid**2).sum(0) < 0.8
+
+
+def sample(data, seed=0, **kwargs):
+    sampler = VoxelPairSamplerd(PATCH, **{"num_pairs": 6, "voxels_per_pair": 64, **kwargs})
+    sampler.set_random_state(seed)
+    return sampler(data)
+
+
+def test_shapes_are_fixed():
+    out = sample(coordinate_volume(ellipsoid_body()))
+    assert out["view1"].shape == out["view2"].shape == (6, 1, *PATCH)
+    assert out["voxels1"].shape == out["voxels2"].shape == (6, 64, 3)
+    assert out["valid"].shape == (6, 64) and out["valid"].dtype == torch.bool
+    assert out["voxels1"].dtype == torch.int64 and out["view1"].dtype == torch.float32
+
+
+def test_matched_voxels_are_the_same_body_voxels_in_both_views():
+    body = ellipsoid_body()
+    out = sample(coordinate_volume(body), num_pairs=8, voxels_per_pair=200)
+    for i in range(8):
+        valid = out["valid"][i]
+        assert valid.any(), "the anchor itself is always a matched voxel"
+        v1, v2 = out["voxels1"][i][valid], out["voxels2"][i][valid]
+        assert (v1 >= 0).all() and (v1 < torch.tensor(PATCH)).all()
+        assert (v2 >= 0).all() and (v2 < torch.tensor(PATCH)).all()
+        at1 = out["view1"][i, 0][tuple(v1.T)]
+        at2 = out["view2"][i, 0][tuple(v2.T)]
+        torch.testing.assert_close(at1, at2, rtol=0, atol=0)
+        absolute = np.stack(np.unravel_index(at1.long().numpy(), SHAPE), axis=1)
+        assert body[tuple(absolute.T)].all(), "matched voxels lie inside the body"
+        assert len(np.unique(at1.numpy())) == len(at1), "drawn without replacement"
+
+
+def test_views_are_translated_patches_of_the_volume():
+    out = sample(coordinate_volume(ellipsoid_body()))
+    image = np.arange(int(np.prod(SHAPE))).reshape(SHAPE)
+    for view in (out["view1"], out["view2"]):
+        for patch in view[:, 0].long().numpy():
+            start = np.unravel_index(patch[0, 0, 0], SHAPE)
+            expected = image[tuple(slice(s, s + p) for s, p in zip(start, PATCH, strict=True))]
+            np.testing.assert_array_equal(patch, expected)
+
+
+def test_caps_voxels_and_marks_short_pairs_invalid():
+    body = np.zeros(SHAPE, dtype=bool)
+    body[20, 18, 10] = True  # a single body voxel: each pair matches exactly that one
+    out = sample(coordinate_volume(body), voxels_per_pair=32)
+    assert out["valid"].sum(1).tolist() == [1] * 6
+    full = sample(coordinate_volume(np.ones(SHAPE, dtype=bool)), voxels_per_pair=32)
+    assert full["valid"].all()
+
+
+def test_same_seed_same_pairs_and_different_seed_different_pairs():
+    data = coordinate_volume(ellipsoid_body())
+    a, b, c = sample(data, seed=3), sample(data, seed=3), sample(data, seed=4)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key])
+    assert not torch.equal(a["view1"], c["view1"])
+
+
+def test_views_of_a_pair_are_independent_boxes_around_one_anchor():
+    out = sample(coordinate_volume(np.ones(SHAPE, dtype=bool)), num_pairs=50)
+    shifts = out["view1"][:, 0, 0, 0, 0] - out["view2"][:, 0, 0, 0, 0]
+    assert (shifts != 0).float().mean() > 0.9, "the two boxes are drawn independently"
+
+
+def test_volume_smaller_than_patch_is_rejected_with_advice():
+    small = {"image": torch.zeros(1, 8, 8, 8), "body": torch.ones(1, 8, 8, 8, dtype=torch.bool)}
+    with pytest.raises(ValueError, match="smaller than patch_size"):
+        sample(small)
