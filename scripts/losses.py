@@ -1,0 +1,97 @@
+"""Losses of voxel-level contrastive pretraining: symmetric InfoNCE over matched voxels, plus DHR's restoration term."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from ignite.metrics import Average, Metric
+from torch import nn
+
+__all__ = ["info_nce", "HybridLoss", "loss_term_metrics", "loss_and_terms"]
+
+
+def info_nce(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+    """
+    Symmetric InfoNCE (SimCLR's NT-Xent) for M positive pairs ``(z1[i], z2[i])``.
+
+    Each of the 2M embeddings is an anchor whose positive is its partner and whose negatives are all other 2M - 2
+    embeddings of both views; the loss is the mean over all 2M anchors, i.e. the average of both directions.
+    Written with one (2M, 2M) matrix product and logsumexp: MONAI's ``ContrastiveLoss`` builds a (2M, 2M, D) tensor,
+    which cannot hold the ~10k voxels of a DHR batch.
+
+    Args:
+        z1: (M, D) unit-norm embeddings of view 1.
+        z2: (M, D) unit-norm embeddings of view 2, row i matched with row i of ``z1``.
+        temperature: softmax temperature (0.1 in DHR and vox2vec).
+
+    Returns:
+        Scalar loss in nats, computed in float32 whatever the input dtype (AMP).
+    """
+    z = torch.cat([z1, z2]).float()
+    logits = z @ z.T / temperature
+    logits.fill_diagonal_(float("-inf"))  # an embedding is not its own negative
+    positives = (z1.float() * z2.float()).sum(-1).repeat(2) / temperature
+    return (torch.logsumexp(logits, dim=1) - positives).mean()
+
+
+class HybridLoss(nn.Module):
+    """
+    DHR's hybrid loss: ``infonce_weight * InfoNCE(matched voxels) + restoration_weight * MSE(restoration, clean view)``.
+
+    The InfoNCE runs over all valid matched voxels of the batch (negatives from every pair of the batch). The
+    restoration term compares the network's restoration of each augmented view with its clean view, averaged over
+    voxels and views. With ``restoration_weight=0`` it is neither computed nor logged (vox2vec). The detached value of
+    each term from the last call is kept in :attr:`terms` so that handlers can log them separately.
+
+    Args:
+        temperature: InfoNCE temperature.
+        infonce_weight: weight of the contrastive term.
+        restoration_weight: weight of the restoration term (10 in DHR; 0 disables it).
+    """
+
+    def __init__(self, temperature: float = 0.1, infonce_weight: float = 1.0, restoration_weight: float = 10.0) -> None:
+        super().__init__()
+        self.temperature = temperature
+        self.infonce_weight = infonce_weight
+        self.restoration_weight = restoration_weight
+        self.terms: dict[str, torch.Tensor] = {}
+
+    @property
+    def term_names(self) -> list[str]:
+        return ["infonce", "restoration"] if self.restoration_weight > 0 else ["infonce"]
+
+    def forward(self, pred: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> torch.Tensor:
+        """
+        Args:
+            pred: ``embeddings`` (2P, K, D), rows [0, P) from view 1 and [P, 2P) from view 2 of the same P pairs;
+                ``restoration`` (2P, 1, X, Y, Z) when the restoration term is on.
+            target: ``valid`` (P, K) bool mask of matched voxels; ``clean`` (2P, 1, X, Y, Z) un-augmented views.
+
+        Returns:
+            Scalar total loss.
+        """
+        embeddings, valid = pred["embeddings"], target["valid"]
+        num_pairs = valid.shape[0]
+        infonce = info_nce(embeddings[:num_pairs][valid], embeddings[num_pairs:][valid], self.temperature)
+        self.terms = {"infonce": infonce.detach()}
+        total = self.infonce_weight * infonce
+        if self.restoration_weight > 0:
+            if "restoration" not in pred:
+                raise ValueError(
+                    "restoration_weight > 0 but the network has no restoration head; "
+                    "enable it in the network or set restoration_weight to 0."
+                )
+            restoration = F.mse_loss(pred["restoration"].float(), target["clean"].float())
+            self.terms["restoration"] = restoration.detach()
+            total = total + self.restoration_weight * restoration
+        return total
+
+
+def loss_term_metrics(loss: HybridLoss) -> dict[str, Metric]:
+    """Epoch means of each loss term as Ignite metrics, so they reach ``engine.state.metrics`` (stats, MLflow)."""
+    return {name: Average(output_transform=lambda _, name=name: loss.terms[name]) for name in loss.term_names}
+
+
+def loss_and_terms(loss: HybridLoss):
+    """``output_transform`` for loggers: the total loss and each term of the last iteration, as floats."""
+    return lambda output: {"loss": output["loss"].item(), **{k: v.item() for k, v in loss.terms.items()}}
