@@ -1,0 +1,283 @@
+"""Networks of DHR (Kats et al., ISBI 2024) and its baseline vox2vec (Goncharov et al., MICCAI 2023).
+
+`FPN3d` reproduces the authors' backbone module for module, so their released weights load with `strict=True`.
+"""
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "ResBlock3d",
+    "ResStage",
+    "FPN3d",
+    "MultiscaleProjection",
+    "ProjectionHead",
+    "VoxelEmbeddingNet",
+    "dhr_network",
+]
+
+
+class ResBlock3d(nn.Module):
+    """Pre-activation residual block: ``x + conv(relu(bn(conv(relu(bn(x))))))`` with 3x3x3 convolutions.
+
+    Args:
+        channels: number of input and output channels.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        # Inplace ReLUs are safe: each follows a BatchNorm whose output is a fresh tensor.
+        self.layers = nn.Sequential(
+            nn.BatchNorm3d(channels),
+            nn.ReLU(inplace=True),
+            nn.Conv3d(channels, channels, kernel_size=3, padding=1),
+            nn.BatchNorm3d(channels),
+            nn.ReLU(inplace=True),
+            nn.Conv3d(channels, channels, kernel_size=3, padding=1),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, C, X, Y, Z) -> (B, C, X, Y, Z)."""
+        return x + self.layers(x)
+
+
+class ResStage(nn.Module):
+    """A stack of `num_blocks` residual blocks of constant width (the authors' ``StackMoreLayers``).
+
+    Args:
+        channels: number of input and output channels.
+        num_blocks: number of residual blocks.
+    """
+
+    def __init__(self, channels: int, num_blocks: int = 2) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(*[ResBlock3d(channels) for _ in range(num_blocks)])
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, C, X, Y, Z) -> (B, C, X, Y, Z)."""
+        return self.layers(x)
+
+
+class FPN3d(nn.Module):
+    """U-Net-shaped 3D feature pyramid network; returns the decoder feature map of every scale.
+
+    Level ``i`` of the output has ``base_channels * 2**i`` channels and stride ``2**i``. Pooling uses ceil mode, so any
+    input size works: level ``i`` of an ``X`` voxels wide input is ``ceil(X / 2**i)`` wide.
+
+    Args:
+        in_channels: number of input channels.
+        base_channels: number of channels of the finest level.
+        num_scales: number of pyramid levels.
+        num_blocks: residual blocks per stage.
+    """
+
+    # Declared here for TorchScript, which is also why this module avoids `from __future__ import annotations`.
+    out_channels: list[int]
+
+    def __init__(self, in_channels: int = 1, base_channels: int = 32, num_scales: int = 5, num_blocks: int = 2) -> None:
+        super().__init__()
+        self.in_channels = in_channels
+        self.base_channels = base_channels
+        self.num_scales = num_scales
+        self.out_channels = [base_channels * 2**i for i in range(num_scales)]
+
+        fine = self.out_channels[:-1]
+        self.first_conv = nn.Conv3d(in_channels, base_channels, kernel_size=3, padding=1)
+        self.left_blocks = nn.ModuleList([ResStage(c, num_blocks) for c in fine])
+        self.down_blocks = nn.ModuleList(
+            [
+                nn.Sequential(nn.MaxPool3d(kernel_size=2, ceil_mode=True), nn.Conv3d(c, 2 * c, kernel_size=1))
+                for c in fine
+            ]
+        )
+        self.bottom_block = ResStage(self.out_channels[-1], num_blocks)
+        self.up_blocks = nn.ModuleList(
+            [
+                nn.Sequential(nn.Conv3d(2 * c, c, kernel_size=1), nn.Upsample(scale_factor=2, mode="nearest"))
+                for c in reversed(fine)
+            ]
+        )
+        self.skip_blocks = nn.ModuleList([nn.Conv3d(c, c, kernel_size=1) for c in reversed(fine)])
+        self.right_blocks = nn.ModuleList([ResStage(c, num_blocks) for c in reversed(fine)])
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        """
+        Args:
+            x: (B, in_channels, X, Y, Z).
+
+        Returns:
+            `num_scales` maps, finest first; level ``i`` is (B, base_channels * 2**i, ceil(X/2**i), ceil(Y/2**i),
+            ceil(Z/2**i)).
+        """
+        x = self.first_conv(x)
+        encoder: list[Tensor] = []
+        for left, down in zip(self.left_blocks, self.down_blocks, strict=True):
+            x = left(x)
+            encoder.append(x)
+            x = down(x)
+
+        x = self.bottom_block(x)
+        pyramid: list[Tensor] = [x]
+        for up, skip, right in zip(self.up_blocks, self.skip_blocks, self.right_blocks, strict=True):
+            fmap = encoder.pop()
+            # Ceil-mode pooling rounds odd sizes up, so the upsampled map can be one voxel larger than the skip.
+            x = up(x)[:, :, : fmap.shape[2], : fmap.shape[3], : fmap.shape[4]]
+            x = right(x + skip(fmap))
+            pyramid.insert(0, x)
+        return pyramid
+
+
+class MultiscaleProjection(nn.Module):
+    """Reads every pyramid level at matched full-resolution voxels and projects each level to a common width.
+
+    A voxel at full-resolution index ``v`` reads level ``i`` at ``v // 2**i``, the coarse cell that contains it.
+    With an integer `width` every level gets its own linear projection to `width` channels (DHR's hierarchically
+    balanced vectors); with ``width=None`` the raw levels are concatenated (vox2vec).
+
+    Args:
+        in_channels: channels of each pyramid level, finest first (``FPN3d.out_channels``).
+        width: channels per level after projection, or None for raw concatenation.
+        frozen: keep the projections at a fixed random initialisation, as the authors' code effectively did (their
+            projections sat in a plain Python list). They then get no gradient and are left out of the state dict,
+            and are re-created identically from `seed`.
+        seed: seed of the frozen projections' initialisation; unused when `frozen` is False.
+    """
+
+    def __init__(self, in_channels: Sequence[int], width: int | None = 32, frozen: bool = False, seed: int = 0) -> None:
+        super().__init__()
+        self.in_channels = list(in_channels)
+        self.width = width
+        self.frozen = frozen
+        # A Linear on the gathered vectors equals a 1x1x1 conv followed by gathering, at a fraction of the cost.
+        self.projections = nn.ModuleList([] if width is None else [nn.Linear(c, width) for c in self.in_channels])
+        self.out_channels = sum(self.in_channels) if width is None else width * len(self.in_channels)
+        if frozen:
+            self._freeze(seed)
+
+    def _freeze(self, seed: int) -> None:
+        """Re-draws the projections from `seed` (PyTorch's default Linear init) as non-persistent buffers."""
+        generator = torch.Generator().manual_seed(seed)
+        for linear in self.projections:
+            bound = linear.in_features**-0.5
+            weight = torch.empty_like(linear.weight).uniform_(-bound, bound, generator=generator)
+            bias = torch.empty_like(linear.bias).uniform_(-bound, bound, generator=generator)
+            del linear.weight, linear.bias
+            linear.register_buffer("weight", weight, persistent=False)
+            linear.register_buffer("bias", bias, persistent=False)
+
+    def forward(self, pyramid: list[Tensor], voxels: Tensor) -> Tensor:
+        """
+        Args:
+            pyramid: maps as returned by `FPN3d`, finest first; level ``i`` is (B, C_i, X_i, Y_i, Z_i).
+            voxels: (B, K, 3) integer indices into the full-resolution input.
+
+        Returns:
+            (B, K, out_channels) feature vectors, levels concatenated finest first.
+        """
+        features = []
+        for i, fmap in enumerate(pyramid):
+            b, c = fmap.shape[:2]
+            x, y, z = (voxels.long() >> i).unbind(-1)
+            index = (x * fmap.shape[3] + y) * fmap.shape[4] + z  # (B, K) into the flattened spatial dims
+            gathered = fmap.flatten(2).gather(2, index.unsqueeze(1).expand(b, c, -1)).transpose(1, 2)
+            features.append(gathered if self.width is None else self.projections[i](gathered))
+        return torch.cat(features, dim=-1)
+
+
+class ProjectionHead(nn.Module):
+    """MLP with two hidden BatchNorm-ReLU layers, followed by L2 normalisation.
+
+    Args:
+        in_channels: input vector length.
+        hidden_channels: hidden layer width.
+        out_channels: embedding length.
+    """
+
+    def __init__(self, in_channels: int, hidden_channels: int, out_channels: int = 128) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Linear(in_channels, hidden_channels),
+            nn.BatchNorm1d(hidden_channels),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden_channels, hidden_channels),
+            nn.BatchNorm1d(hidden_channels),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden_channels, out_channels),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, K, in_channels) -> (B, K, out_channels) unit vectors; BatchNorm statistics span all B*K vectors."""
+        y = self.layers(x.flatten(0, 1))
+        return F.normalize(y, dim=-1).unflatten(0, x.shape[:2])
+
+
+class VoxelEmbeddingNet(nn.Module):
+    """Pretraining network: backbone + multiscale projection + projection head (+ restoration head).
+
+    Args:
+        backbone: feature pyramid network.
+        projection: reads the pyramid at the sampled voxels.
+        head: maps the projected vectors to embeddings.
+        restoration: add a 1x1x1 conv from the finest level to one channel, for DHR's restoration loss.
+    """
+
+    def __init__(
+        self, backbone: FPN3d, projection: MultiscaleProjection, head: ProjectionHead, restoration: bool = True
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.projection = projection
+        self.head = head
+        self.restoration_head = nn.Conv3d(backbone.out_channels[0], 1, kernel_size=1) if restoration else None
+
+    def forward(self, images: Tensor, voxels: Tensor) -> dict[str, Tensor]:
+        """
+        Args:
+            images: (B, 1, X, Y, Z).
+            voxels: (B, K, 3) integer indices of the voxels to embed.
+
+        Returns:
+            ``"embeddings"``: (B, K, D) unit vectors, and with restoration ``"restoration"``: (B, 1, X, Y, Z), linear
+            (no activation).
+        """
+        pyramid = self.backbone(images)
+        outputs = {"embeddings": self.head(self.projection(pyramid, voxels))}
+        if self.restoration_head is not None:
+            outputs["restoration"] = self.restoration_head(pyramid[0])
+        return outputs
+
+
+def dhr_network(
+    base_channels: int = 32,
+    num_scales: int = 5,
+    projection_width: int | None = 32,
+    head_hidden: int | None = None,
+    embedding_dim: int = 128,
+    restoration: bool = True,
+    freeze_projections: bool = False,
+    seed: int = 0,
+) -> VoxelEmbeddingNet:
+    """Builds the pretraining network for one input channel.
+
+    The defaults give DHR (FPN3d 32/5, 5 x 32 = 160 -> 160 -> 160 -> 128, restoration head); vox2vec is
+    ``dhr_network(16, 6, projection_width=None, restoration=False)`` (1008 -> 1008 -> 1008 -> 128).
+
+    Args:
+        base_channels: channels of the finest pyramid level.
+        num_scales: number of pyramid levels.
+        projection_width: channels per level after projection, or None for raw concatenation.
+        head_hidden: hidden width of the projection head; None means the projection's output width.
+        embedding_dim: embedding length.
+        restoration: add the restoration head.
+        freeze_projections: keep the per-level projections fixed at their seeded random initialisation.
+        seed: seed of the frozen projections.
+    """
+    backbone = FPN3d(1, base_channels, num_scales)
+    projection = MultiscaleProjection(backbone.out_channels, projection_width, freeze_projections, seed)
+    hidden = projection.out_channels if head_hidden is None else head_hidden
+    head = ProjectionHead(projection.out_channels, hidden, embedding_dim)
+    return VoxelEmbeddingNet(backbone, projection, head, restoration)

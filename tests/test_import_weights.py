@@ -1,0 +1,101 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from scripts.import_weights import extract_backbone_state, load_backbone, main
+from scripts.networks import FPN3d, dhr_network
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def authors_state():
+    """FPN3d's own state dict is the authors' key layout."""
+    torch.manual_seed(0)
+    return FPN3d(1, 8, 3).state_dict()
+
+
+def _prefixed(prefix, state):
+    return {prefix + k: v for k, v in state.items()}
+
+
+def _bundle_checkpoint(state):
+    network = dhr_network(8, 3)
+    network.backbone.load_state_dict(state)
+    return {"network": network.state_dict(), "optimizer": {"state": {}, "param_groups": []}, "trainer": {"epoch": 3}}
+
+
+HEADS = {"proj_head.layers.0.weight": torch.zeros(2, 2), "rest_head.weight": torch.zeros(1, 8, 1, 1, 1)}
+FORMS = {
+    "plain": lambda s: s,
+    "lightning": lambda s: {"state_dict": s, "epoch": 7},
+    "backbone_prefix": lambda s: {**_prefixed("backbone.", s), **HEADS},
+    "lightning_backbone_prefix": lambda s: {"state_dict": {**_prefixed("backbone.", s), **HEADS}},
+    "data_parallel": lambda s: _prefixed("module.", s),
+    "bundle_checkpoint": _bundle_checkpoint,
+}
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_all_forms_load_strictly(form, authors_state, tmp_path):
+    path = tmp_path / "weights.pt"
+    torch.save(FORMS[form](authors_state), path)
+    loaded = load_backbone(str(path), FPN3d(1, 8, 3)).state_dict()
+    assert loaded.keys() == authors_state.keys()
+    assert all(torch.equal(loaded[k], v) for k, v in authors_state.items())
+
+
+def test_no_backbone_keys():
+    with pytest.raises(ValueError, match="no FPN3d weights"):
+        extract_backbone_state({"state_dict": HEADS})
+
+
+@pytest.mark.parametrize(
+    "base_channels, num_scales, problems",
+    [(16, 4, "62 missing .* 134 shape-mismatched"), (8, 2, "62 unexpected .* 52 shape-mismatched")],
+)
+def test_wrong_architecture_names_the_file(base_channels, num_scales, problems, authors_state, tmp_path):
+    path = tmp_path / "vox2vec.pt"
+    torch.save(authors_state, path)
+    with pytest.raises(ValueError, match=f"vox2vec.pt: weights do not fit .*{problems}.*--base_channels"):
+        load_backbone(str(path), FPN3d(1, base_channels, num_scales))
+
+
+def test_missing_file_names_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere.pt"):
+        load_backbone(str(tmp_path / "nowhere.pt"), FPN3d(1, 8, 3))
+
+
+def _cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "scripts.import_weights", *map(str, args)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_cli_round_trip(authors_state, tmp_path):
+    src, dst = tmp_path / "dhr.ckpt", tmp_path / "models" / "nested" / "backbone.pt"
+    torch.save({"state_dict": {**_prefixed("backbone.", authors_state), **HEADS}}, src)
+    result = _cli(src, dst, "--base_channels", 8, "--num_scales", 3)
+    assert result.returncode == 0, result.stderr
+    assert "saved 154 tensors (182,592 parameters)" in result.stdout
+    saved = torch.load(dst, weights_only=True)
+    assert saved.keys() == authors_state.keys()
+    assert all(torch.equal(saved[k], v) for k, v in authors_state.items())
+
+
+def test_cli_reports_user_errors_without_traceback(authors_state, tmp_path, capsys):
+    src = tmp_path / "dhr.ckpt"
+    torch.save(authors_state, src)
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(src), str(tmp_path / "out.pt")])  # the defaults 32/5 do not fit an 8/3 network
+    assert exit_info.value.code == 1
+    stderr = capsys.readouterr().err
+    assert stderr.startswith("error: ") and "dhr.ckpt" in stderr and "--base_channels" in stderr
+    assert not (tmp_path / "out.pt").exists()

@@ -1,0 +1,143 @@
+import math
+import warnings
+
+import pytest
+import torch
+
+from scripts.networks import FPN3d, MultiscaleProjection, dhr_network
+
+
+@pytest.fixture(scope="module")
+def dhr_backbone() -> FPN3d:
+    return FPN3d(1, 32, 5)
+
+
+@pytest.mark.parametrize("size", [(16, 16, 8), (9, 10, 7)])
+def test_pyramid_shapes(size):
+    backbone = FPN3d(2, 4, 3)
+    pyramid = backbone(torch.rand(2, 2, *size))
+    assert backbone.out_channels == [4, 8, 16]
+    assert [tuple(p.shape) for p in pyramid] == [(2, 4 * 2**i, *(math.ceil(s / 2**i) for s in size)) for i in range(3)]
+
+
+def test_dhr_backbone_size_and_key_names(dhr_backbone):
+    state = dhr_backbone.state_dict()
+    assert len(state) == 278
+    assert sum(p.numel() for p in dhr_backbone.parameters()) == 47_567_872
+    expected_shapes = {
+        "first_conv.weight": (32, 1, 3, 3, 3),
+        "left_blocks.0.layers.1.layers.3.running_mean": (32,),
+        "left_blocks.3.layers.0.layers.0.num_batches_tracked": (),
+        "down_blocks.0.1.weight": (64, 32, 1, 1, 1),
+        "up_blocks.0.0.weight": (256, 512, 1, 1, 1),
+        "skip_blocks.0.bias": (256,),
+        "right_blocks.3.layers.1.layers.5.weight": (32, 32, 3, 3, 3),
+        "bottom_block.layers.0.layers.2.weight": (512, 512, 3, 3, 3),
+    }
+    assert {k: tuple(state[k].shape) for k in expected_shapes} == expected_shapes
+
+
+def test_vox2vec_backbone_size():
+    assert sum(p.numel() for p in FPN3d(1, 16, 6).parameters()) == 47_624_448
+
+
+def test_torchscript_matches_eager():
+    backbone = FPN3d(1, 8, 3).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.script is deprecated but still supported
+        scripted = torch.jit.script(backbone)
+    x = torch.rand(1, 1, 9, 6, 5)
+    for eager, script in zip(backbone(x), scripted(x), strict=True):
+        torch.testing.assert_close(eager, script)
+
+
+def _pyramid_and_voxels(size=(9, 10, 7), channels=(3, 4, 5), batch=2, k=20):
+    torch.manual_seed(0)
+    pyramid = [
+        torch.randn(batch, c, *(math.ceil(s / 2**i) for s in size), requires_grad=True) for i, c in enumerate(channels)
+    ]
+    voxels = torch.stack([torch.randint(0, s, (batch, k)) for s in size], dim=-1)
+    return pyramid, voxels
+
+
+def _naive_gather(pyramid, voxels):
+    """(B, K, sum C_i): a per-voxel loop reading level i at index >> i."""
+    return torch.stack(
+        [
+            torch.stack(
+                [torch.cat([p[b, :, x >> i, y >> i, z >> i] for i, p in enumerate(pyramid)]) for x, y, z in voxels[b]]
+            )
+            for b in range(voxels.shape[0])
+        ]
+    )
+
+
+def test_raw_concatenation_gathers_the_containing_cells():
+    pyramid, voxels = _pyramid_and_voxels()
+    projection = MultiscaleProjection([3, 4, 5], width=None)
+    assert projection.out_channels == 12
+    assert len(projection.projections) == 0
+    torch.testing.assert_close(projection(pyramid, voxels), _naive_gather(pyramid, voxels))
+
+
+def test_projection_applies_one_linear_per_level():
+    pyramid, voxels = _pyramid_and_voxels()
+    projection = MultiscaleProjection([3, 4, 5], width=2)
+    assert projection.out_channels == 6
+    naive = _naive_gather(pyramid, voxels).split([3, 4, 5], dim=-1)
+    expected = torch.cat([linear(v) for linear, v in zip(projection.projections, naive, strict=True)], dim=-1)
+    torch.testing.assert_close(projection(pyramid, voxels), expected)
+
+
+def _train_step(network):
+    images = torch.rand(2, 1, 8, 8, 6)
+    voxels = torch.stack([torch.randint(0, s, (2, 16)) for s in (8, 8, 6)], dim=-1)
+    outputs = network(images, voxels)
+    (outputs["embeddings"].sum() + outputs["restoration"].square().mean()).backward()
+    return outputs
+
+
+def test_trainable_projections_get_gradients_and_are_saved():
+    network = dhr_network(4, 3, projection_width=4)
+    _train_step(network)
+    for linear in network.projection.projections:
+        assert linear.weight.grad is not None and linear.weight.grad.abs().sum() > 0
+    keys = network.state_dict().keys()
+    assert {f"projection.projections.{i}.{p}" for i in range(3) for p in ("weight", "bias")} <= keys
+
+
+def test_frozen_projections_are_fixed_unsaved_buffers():
+    network = dhr_network(4, 3, projection_width=4, freeze_projections=True, seed=3)
+    _train_step(network)
+    projections = network.projection.projections
+    assert not any(p.requires_grad for p in projections.parameters())
+    assert all(linear.weight.grad is None for linear in projections)
+    assert not any(k.startswith("projection.") for k in network.state_dict())
+    network.load_state_dict(dhr_network(4, 3, 4, freeze_projections=True, seed=3).state_dict(), strict=True)
+
+    same = MultiscaleProjection([4, 8, 16], 4, frozen=True, seed=3)
+    other = MultiscaleProjection([4, 8, 16], 4, frozen=True, seed=4)
+    for a, b, c in zip(projections, same.projections, other.projections, strict=True):
+        assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
+        assert not torch.equal(a.weight, c.weight)
+
+    network.to(torch.float64)
+    assert all(linear.weight.dtype == torch.float64 for linear in projections)
+
+
+def test_outputs():
+    network = dhr_network(4, 3, projection_width=4, embedding_dim=6)
+    outputs = _train_step(network)
+    assert outputs["embeddings"].shape == (2, 16, 6)
+    torch.testing.assert_close(outputs["embeddings"].norm(dim=-1), torch.ones(2, 16))
+    assert outputs["restoration"].shape == (2, 1, 8, 8, 6)
+    without = dhr_network(4, 3, restoration=False)
+    assert without.restoration_head is None
+    assert without(torch.rand(2, 1, 8, 8, 6), torch.zeros(2, 3, 3, dtype=torch.long)).keys() == {"embeddings"}
+
+
+def test_factory_widths():
+    dhr = dhr_network()
+    assert [dhr.projection.out_channels, dhr.head.layers[0].out_features] == [160, 160]
+    vox2vec = dhr_network(16, 6, projection_width=None, restoration=False)
+    assert [vox2vec.projection.out_channels, vox2vec.head.layers[0].out_features] == [1008, 1008]
