@@ -1,0 +1,228 @@
+"""Datalists, modality presets and the deterministic preprocessing shared by every workflow.
+
+Pretraining, linear evaluation, fine-tuning and inference all read volumes through `preprocessing`, so a volume is
+oriented, resampled, scaled and cropped the same way everywhere (REFERENCE.md §1, "Optimisation and preprocessing").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import Dataset, load_decathlon_datalist
+from monai.transforms import (
+    Compose,
+    CropForegroundd,
+    EnsureTyped,
+    LoadImaged,
+    MapTransform,
+    Orientationd,
+    ScaleIntensityRanged,
+    ScaleIntensityRangePercentilesd,
+    Spacingd,
+    SpatialPadd,
+)
+from monai.utils import convert_to_dst_type, convert_to_numpy, ensure_tuple
+from scipy import ndimage
+
+__all__ = ["PRESETS", "BodyMaskd", "load_datalist", "preprocessing", "usable_volumes"]
+
+# Intensities end up in [0, 1] for both modalities: the body-mask threshold and the local augmentations assume it.
+PRESETS: dict[str, dict] = {
+    # Clip to the [a_min, a_max] HU window, then scale it linearly to [0, 1].
+    "ct": {"axcodes": "RAS", "pixdim": (1.0, 1.0, 2.0), "a_min": -175.0, "a_max": 250.0},
+    # Clip to the [lower, upper] percentiles of the volume's own intensities, then scale them to [0, 1].
+    "mri": {"axcodes": "RAS", "pixdim": (1.5, 1.5, 1.5), "lower": 1.0, "upper": 99.99},
+}
+
+_NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+def load_datalist(source: str | os.PathLike, key: str = "training") -> list[dict]:
+    """Reads a list of volumes as `[{"image": path, ...}, ...]` with absolute paths.
+
+    Args:
+        source: an MSD-style datalist JSON file, a folder containing `dataset.json`, or a plain folder of NIfTI files
+            (`*.nii`, `*.nii.gz`, searched recursively, sorted by path), which becomes `[{"image": path}, ...]`.
+        key: the list to read from a JSON datalist (e.g. "training", "validation", "test").
+
+    Relative paths in a JSON datalist are resolved against the JSON file's folder.
+
+    Raises:
+        FileNotFoundError: `source`, or a file listed in the datalist, does not exist, or a folder holds no NIfTI.
+        ValueError: the JSON is invalid, has no non-empty list under `key`, or an item has no "image".
+    """
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"Dataset source {path} does not exist: give a datalist JSON or a NIfTI folder.")
+    if path.is_dir():
+        if (path / "dataset.json").is_file():
+            path = path / "dataset.json"
+        else:
+            images = sorted(str(p) for p in path.rglob("*") if p.is_file() and p.name.endswith(_NIFTI_SUFFIXES))
+            if not images:
+                raise FileNotFoundError(
+                    f"No NIfTI files (*.nii, *.nii.gz) and no dataset.json found in {path}: "
+                    "point to a folder holding the volumes or to a datalist JSON."
+                )
+            return [{"image": image} for image in images]
+    try:
+        content = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"Datalist {path} is not valid JSON ({e}): fix or regenerate it.") from e
+    if not isinstance(content, dict) or not isinstance(content.get(key), list) or not content[key]:
+        found = sorted(content) if isinstance(content, dict) else type(content).__name__
+        raise ValueError(f"Datalist {path} has no non-empty list under the key '{key}' (found: {found}).")
+    items = load_decathlon_datalist(path, is_segmentation=True, data_list_key=key)
+    for i, item in enumerate(items):
+        if "image" not in item:
+            raise ValueError(f"Item {i} of '{key}' in {path} has no 'image' entry: {item}.")
+        for name in ("image", "label"):
+            for file in ensure_tuple(item.get(name, ())):
+                if not os.path.exists(file):
+                    raise FileNotFoundError(f"The {name} {file} listed in {path} ('{key}' item {i}) does not exist.")
+    return items
+
+
+class BodyMaskd(MapTransform):
+    """Adds the body mask of a [0, 1]-scaled image: everything but the dark voxels connected to the in-plane border.
+
+    Voxels below `threshold` are flood-filled from the x/y faces of each axial slice, with 4-connectivity inside the
+    slice only; the body is the complement. Dark regions enclosed in-plane (lungs, bowel gas, ventricles) thus stay in
+    the body even where they reach the z faces of the volume (a 3D hole filling would flood them) or join outside air
+    in another slice (the authors' CT code floods in 3D from the in-plane border and would drop them).
+
+    Args:
+        keys: the image key; the image is (1, X, Y, Z) with intensities in [0, 1].
+        body_key: where to store the mask: a (1, X, Y, Z) uint8 tensor (1 = body) with the image's metadata.
+        threshold: intensity below which a voxel may be air.
+    """
+
+    # In-plane face connectivity: components never join across axial slices.
+    _STRUCTURE = np.zeros((3, 3, 3), dtype=bool)
+    _STRUCTURE[:, :, 1] = ndimage.generate_binary_structure(2, 1)
+
+    def __init__(self, keys: KeysCollection = "image", body_key: str = "body", threshold: float = 0.3) -> None:
+        super().__init__(keys)
+        self.body_key = body_key
+        self.threshold = threshold
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            dark = convert_to_numpy(d[key])[0] < self.threshold
+            labels, num = ndimage.label(dark, structure=self._STRUCTURE)
+            on_border = np.zeros(num + 1, dtype=bool)
+            on_border[np.concatenate([labels[[0, -1]].ravel(), labels[:, [0, -1]].ravel()])] = True
+            on_border[0] = False  # label 0 = bright voxels
+            d[self.body_key] = convert_to_dst_type(~on_border[labels][None], d[key], dtype=torch.uint8)[0]
+        return d
+
+
+def preprocessing(
+    modality: str,
+    patch_size: Sequence[int],
+    image_key: str = "image",
+    label_key: str | None = None,
+    pixdim: Sequence[float] | None = None,
+) -> Compose:
+    """Deterministic, invertible preprocessing of a datalist item.
+
+    Loads the image (and label), orients to RAS, resamples to the preset spacing (bilinear image, nearest label),
+    clips and scales intensities to [0, 1] by the preset, adds the `body` mask, crops image, body and label to the
+    body's bounding box and pads them to at least `patch_size` (a small volume is padded with 0, not dropped).
+
+    Args:
+        modality: a key of `PRESETS` ("ct" or "mri").
+        patch_size: minimum spatial size (X, Y, Z) in voxels after cropping.
+        image_key: datalist key of the image.
+        label_key: datalist key of the label, or None for unlabelled data.
+        pixdim: voxel spacing in mm, overriding the preset's.
+
+    Returns:
+        a Compose producing `image` (1, X, Y, Z) float32 in [0, 1], `body` (1, X, Y, Z) uint8 and, with `label_key`,
+        the label (1, X, Y, Z) on the same grid.
+    """
+    if modality not in PRESETS:
+        raise ValueError(f"Unknown modality={modality!r}: the key `modality` must be one of {sorted(PRESETS)}.")
+    preset = PRESETS[modality]
+    keys = [image_key] + ([label_key] if label_key else [])
+    spacing = preset["pixdim"] if pixdim is None else pixdim
+    if modality == "ct":
+        scale = ScaleIntensityRanged(image_key, preset["a_min"], preset["a_max"], b_min=0.0, b_max=1.0, clip=True)
+    else:
+        scale = ScaleIntensityRangePercentilesd(
+            image_key, preset["lower"], preset["upper"], b_min=0.0, b_max=1.0, clip=True, relative=False
+        )
+    return Compose(
+        [
+            LoadImaged(keys, ensure_channel_first=True, image_only=True),
+            Orientationd(keys, axcodes=preset["axcodes"], labels=None),
+            Spacingd(keys, pixdim=spacing, mode=["bilinear", "nearest"][: len(keys)]),
+            scale,
+            BodyMaskd(image_key, body_key="body"),
+            CropForegroundd([*keys, "body"], source_key="body"),
+            SpatialPadd([*keys, "body"], spatial_size=patch_size),
+            EnsureTyped(image_key, dtype=torch.float32),
+        ]
+    )
+
+
+class _VolumeStats(torch.utils.data.Dataset):
+    """Preprocesses volume i and returns only its small stats (or why it failed), so workers never send volumes back."""
+
+    def __init__(self, volumes: Dataset) -> None:
+        self.volumes = volumes
+
+    def __len__(self) -> int:
+        return len(self.volumes)
+
+    def __getitem__(self, i: int) -> dict:
+        try:
+            item = self.volumes[i]
+        except Exception as e:
+            while e.__cause__ is not None:  # MONAI wraps the reader's error in "applying transform ..."
+                e = e.__cause__
+            return {"error": f"{type(e).__name__}: {e}", "body_voxels": 0}
+        if not torch.isfinite(item["image"]).all():
+            return {"error": "non-finite values (NaN or inf) after preprocessing", "body_voxels": 0}
+        return {"error": "", "body_voxels": int(item["body"].sum())}
+
+
+def usable_volumes(volumes: Dataset, num_workers: int = 0) -> torch.utils.data.Subset:
+    """Preprocesses every volume once (filling a PersistentDataset's cache) and keeps those with body voxels.
+
+    Args:
+        volumes: a MONAI dataset over datalist items whose transform is `preprocessing(...)`.
+        num_workers: DataLoader workers for the pass; 0 runs it in this process.
+
+    Raises:
+        RuntimeError: some volumes are missing, unreadable, corrupt or non-finite; the message names each file.
+        ValueError: no volume has any body voxel.
+
+    Returns:
+        a Subset of `volumes` without the volumes whose body mask is empty (each skipped one is warned about).
+    """
+    loader = torch.utils.data.DataLoader(_VolumeStats(volumes), batch_size=None, num_workers=num_workers)
+    # Finish the pass before raising: every bad file is reported at once and the good ones are cached meanwhile.
+    stats = list(loader)
+    files = [item["image"] for item in volumes.data]
+    errors = [f"{file}: {s['error']}" for file, s in zip(files, stats, strict=True) if s["error"]]
+    if errors:
+        raise RuntimeError(
+            f"{len(errors)} of {len(files)} volumes cannot be used; fix or remove them from the datalist:\n"
+            + "\n".join(errors)
+        )
+    for file, s in zip(files, stats, strict=True):
+        if s["body_voxels"] == 0:
+            warnings.warn(f"Skipping {file}: no body voxels (the scaled image is below the threshold).", stacklevel=2)
+    usable = [i for i, s in enumerate(stats) if s["body_voxels"] > 0]
+    if not usable:
+        raise ValueError(f"None of the {len(files)} volumes has body voxels: check the modality preset and the data.")
+    return torch.utils.data.Subset(volumes, usable)
