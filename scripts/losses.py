@@ -93,5 +93,12 @@ def loss_term_metrics(loss: HybridLoss) -> dict[str, Metric]:
 
 
 def loss_and_terms(loss: HybridLoss):
-    """``output_transform`` for loggers: the total loss and each term of the last iteration, as floats."""
-    return lambda output: {"loss": output["loss"].item(), **{k: v.item() for k, v in loss.terms.items()}}
+    """``output_transform`` for loggers: the total loss and each term of the last iteration, as floats.
+
+    Reads the total from the trainer's output, a dict or, when the trainer decollates, a list of dicts."""
+
+    def transform(output: dict | list[dict]) -> dict[str, float]:
+        first = output[0] if isinstance(output, list) else output
+        return {"loss": float(first["loss"]), **{k: v.item() for k, v in loss.terms.items()}}
+
+    return transform
