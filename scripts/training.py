@@ -141,7 +141,7 @@ class ExportBackbone:
         partial = self.path.with_suffix(".partial")
         torch.save(self.backbone.state_dict(), partial)
         os.replace(partial, self.path)
-        engine.logger.info(f"Exported the pretrained backbone to {self.path}")
+        print(f"Exported the pretrained backbone to {self.path}")  # the engine logger is silent in bundle runs
 
 
 def latest_checkpoint(checkpoint_dir: str, pattern: str = r"checkpoint_iteration=(\d+)\.pt") -> str | None:
