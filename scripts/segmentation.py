@@ -1,0 +1,235 @@
+"""Downstream segmentation network of DHR (Kats et al., ISBI 2024): a pretrained `FPN3d` backbone plus an FPN head.
+
+Linear evaluation trains a head on a frozen backbone; fine-tuning freezes the backbone for a warm-up of some epochs
+(`BackboneWarmup`), then trains everything. Outputs are per-class logits (sigmoid downstream, not softmax).
+"""
+
+from collections.abc import Sequence
+
+import torch.nn as nn
+import torch.nn.functional as F
+from ignite.engine import Engine, Events
+from torch import Tensor
+
+from scripts.import_weights import load_backbone
+from scripts.networks import FPN3d
+
+__all__ = ["LinearFPNHead", "NonLinearFPNHead", "SegmentationNet", "segmentation_network", "BackboneWarmup"]
+
+
+def _upsample_to(x: Tensor, like: Tensor) -> Tensor:
+    """Nearest x2 upsampling of (B, C, X, Y, Z), cropped to the spatial size of `like`.
+
+    Ceil-mode pooling in `FPN3d` rounds odd sizes up, so the upsampled map can be one voxel larger than the finer level.
+    """
+    x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+    return x[:, :, : like.shape[2], : like.shape[3], : like.shape[4]]
+
+
+class LinearFPNHead(nn.Module):
+    """The paper's linear FPN head: a 1x1x1 convolution per pyramid level to `num_classes`, upsampled (nearest, x2 per
+    level) and summed coarse-to-fine.
+
+    A full-resolution voxel ``v`` therefore gets ``sum_i W_i @ level_i[v // 2**i] + b_i``: a linear function of the
+    voxel's multiscale feature vector.
+
+    Args:
+        in_channels: channels of each pyramid level, finest first (``FPN3d.out_channels``).
+        num_classes: number of output channels.
+    """
+
+    def __init__(self, in_channels: Sequence[int], num_classes: int) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList([nn.Conv3d(c, num_classes, kernel_size=1) for c in in_channels])
+
+    def forward(self, pyramid: list[Tensor]) -> Tensor:
+        """
+        Args:
+            pyramid: maps as returned by `FPN3d`, finest first; level ``i`` is (B, C_i, ceil(X/2**i), ...).
+
+        Returns:
+            (B, num_classes, X, Y, Z) logits at the finest level's size.
+        """
+        logits: list[Tensor] = []
+        for i, conv in enumerate(self.convs):
+            logits.append(conv(pyramid[i]))
+        x = logits[-1]
+        for i in range(len(logits) - 2, -1, -1):
+            x = _upsample_to(x, logits[i]) + logits[i]
+        return x
+
+
+class NonLinearFPNHead(nn.Module):
+    """vox2vec's non-linear head: a decoder of 1x1x1 convolutions with residual blocks.
+
+    Per level a 1x1x1 lateral convolution to `hidden_channels`; coarse-to-fine ``x = upsample(x) + lateral(level)``,
+    then ``x = x + block(x)`` with block = BN, ReLU, 1x1x1 conv, BN, ReLU, 1x1x1 conv; finally a 1x1x1 convolution to
+    `num_classes`. Every operation is voxel-wise, so the head adds no spatial context beyond the backbone's.
+
+    Args:
+        in_channels: channels of each pyramid level, finest first (``FPN3d.out_channels``).
+        num_classes: number of output channels.
+        hidden_channels: width of the decoder.
+    """
+
+    def __init__(self, in_channels: Sequence[int], num_classes: int, hidden_channels: int = 64) -> None:
+        super().__init__()
+        # Stored coarse to fine, the order they run in (TorchScript cannot iterate a ModuleList in reverse).
+        self.laterals = nn.ModuleList([nn.Conv3d(c, hidden_channels, kernel_size=1) for c in reversed(in_channels)])
+        self.blocks = nn.ModuleList(
+            [
+                nn.Sequential(
+                    nn.BatchNorm3d(hidden_channels),
+                    nn.ReLU(),
+                    nn.Conv3d(hidden_channels, hidden_channels, kernel_size=1),
+                    nn.BatchNorm3d(hidden_channels),
+                    nn.ReLU(),
+                    nn.Conv3d(hidden_channels, hidden_channels, kernel_size=1),
+                )
+                for _ in in_channels
+            ]
+        )
+        self.final = nn.Conv3d(hidden_channels, num_classes, kernel_size=1)
+
+    def forward(self, pyramid: list[Tensor]) -> Tensor:
+        """
+        Args:
+            pyramid: maps as returned by `FPN3d`, finest first; level ``i`` is (B, C_i, ceil(X/2**i), ...).
+
+        Returns:
+            (B, num_classes, X, Y, Z) logits at the finest level's size.
+        """
+        x: Tensor | None = None
+        for i, (lateral, block) in enumerate(zip(self.laterals, self.blocks, strict=True)):
+            level = pyramid[len(pyramid) - 1 - i]
+            y = lateral(level)
+            if x is not None:
+                y = _upsample_to(x, y) + y
+            x = y + block(y)
+        assert x is not None, "empty pyramid"
+        return self.final(x)
+
+
+class SegmentationNet(nn.Module):
+    """`FPN3d` backbone + FPN head, returning one tensor of per-class logits.
+
+    While the backbone is frozen (`freeze_backbone`) its parameters get no gradient and its BatchNorm layers stay in
+    eval mode even when ``train()`` is called on the whole network, as MONAI's `SupervisedTrainer` does every
+    iteration; so neither weights nor running statistics change. Scripting keeps `forward` only: a scripted network is
+    for inference, and its ``train()``/``eval()`` are the plain `nn.Module` ones. (`freeze_backbone` and `train` are
+    deliberately not marked ``@torch.jit.unused``/``ignore``: that would copy them onto the script module, where
+    ``super().train`` fails and so would ``eval()``.)
+
+    Args:
+        backbone: feature pyramid network.
+        head: maps the pyramid (finest first) to (B, num_classes, X, Y, Z) logits.
+    """
+
+    backbone_frozen: bool
+
+    def __init__(self, backbone: FPN3d, head: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.backbone_frozen = False
+
+    def freeze_backbone(self, frozen: bool = True) -> None:
+        """Freezes (no gradient, BatchNorm in eval mode) or unfreezes (gradient, BatchNorm follows ``train()``) the
+        backbone."""
+        self.backbone_frozen = frozen
+        self.backbone.requires_grad_(not frozen)
+        self.train(self.training)  # re-applies the backbone's BatchNorm mode
+
+    def train(self, mode: bool = True) -> "SegmentationNet":
+        """Sets training `mode` like `nn.Module.train`, except that a frozen backbone stays in eval mode."""
+        super().train(mode)
+        if self.backbone_frozen:
+            self.backbone.eval()
+        return self
+
+    def forward(self, x: Tensor) -> Tensor:
+        """
+        Args:
+            x: (B, in_channels, X, Y, Z).
+
+        Returns:
+            (B, num_classes, X, Y, Z) logits.
+        """
+        return self.head(self.backbone(x))
+
+
+def segmentation_network(
+    num_classes: int,
+    base_channels: int = 32,
+    num_scales: int = 5,
+    head: str = "linear",
+    pretrained_ckpt: str | None = None,
+    hidden_channels: int = 64,
+) -> SegmentationNet:
+    """Builds the segmentation network for one input channel, from scratch or from a pretrained backbone.
+
+    Args:
+        num_classes: number of output channels (one sigmoid per class).
+        base_channels: channels of the finest pyramid level (DHR 32, vox2vec 16).
+        num_scales: number of pyramid levels (DHR 5, vox2vec 6).
+        head: ``"linear"`` (`LinearFPNHead`) or ``"nonlinear"`` (`NonLinearFPNHead`).
+        pretrained_ckpt: backbone checkpoint in any form `scripts.import_weights.load_backbone` accepts; None trains
+            from scratch.
+        hidden_channels: width of the non-linear head; unused by the linear one.
+
+    Raises:
+        ValueError: for an unknown `head`, or a checkpoint that does not fit (the message names the file).
+        FileNotFoundError: when `pretrained_ckpt` does not exist.
+    """
+    heads = {"linear", "nonlinear"}
+    if head not in heads:
+        raise ValueError(f"head must be one of {sorted(heads)}, got {head!r}")
+    backbone = FPN3d(1, base_channels, num_scales)
+    if pretrained_ckpt is not None:
+        load_backbone(pretrained_ckpt, backbone)
+    if head == "linear":
+        head_module: nn.Module = LinearFPNHead(backbone.out_channels, num_classes)
+    else:
+        head_module = NonLinearFPNHead(backbone.out_channels, num_classes, hidden_channels)
+    source = "from scratch (random initialisation)" if pretrained_ckpt is None else f"loaded from {pretrained_ckpt}"
+    # print, not logging: the engine loggers are silent in bundle runs, and this choice must be visible.
+    print(f"segmentation network: FPN3d(1, {base_channels}, {num_scales}) backbone {source}, {head} head")
+    return SegmentationNet(backbone, head_module)
+
+
+class BackboneWarmup:
+    """Ignite/MONAI handler: freezes the backbone for the first `warmup_epochs` epochs, then trains everything.
+
+    Epoch ``e`` (1-based) runs with a frozen backbone iff ``e <= warmup_epochs``, decided from ``engine.state.epoch`` at
+    every epoch start, so a run resumed from a checkpoint gets the right state. ``warmup_epochs >= max_epochs`` keeps
+    the backbone frozen throughout (linear evaluation). The learning rate is left unchanged at the switch (the authors'
+    code lowered it by accident). The optimizer may hold all parameters from the start: Adam skips parameters whose
+    gradient is None, which frozen ones keep, so it need not be re-created at the switch.
+
+    Args:
+        network: the network whose backbone is frozen.
+        warmup_epochs: number of epochs with a frozen backbone; 0 trains everything from the start.
+    """
+
+    def __init__(self, network: SegmentationNet, warmup_epochs: int) -> None:
+        if warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs}")
+        self.network = network
+        self.warmup_epochs = warmup_epochs
+        self._frozen: bool | None = None  # state last announced; None before the first epoch
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        epoch = engine.state.epoch  # already the epoch about to run at EPOCH_STARTED
+        frozen = epoch <= self.warmup_epochs
+        self.network.freeze_backbone(frozen)
+        if frozen == self._frozen:
+            return
+        self._frozen = frozen
+        if frozen:
+            last = min(self.warmup_epochs, engine.state.max_epochs or self.warmup_epochs)
+            print(f"epochs {epoch}-{last}: backbone frozen (no gradient, BatchNorm in eval mode)")
+        else:
+            print(f"epoch {epoch}: backbone unfrozen, all parameters train")

@@ -1,0 +1,180 @@
+import math
+import warnings
+
+import pytest
+import torch
+from ignite.engine import Events
+from monai.engines import SupervisedTrainer
+
+from scripts.networks import FPN3d
+from scripts.segmentation import (
+    BackboneWarmup,
+    LinearFPNHead,
+    NonLinearFPNHead,
+    SegmentationNet,
+    segmentation_network,
+)
+
+
+def _script(module):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.script is deprecated but still supported
+        return torch.jit.script(module)
+
+
+def _state(module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("head", ["linear", "nonlinear"])
+@pytest.mark.parametrize("size", [(8, 8, 4), (9, 6, 5)])
+def test_output_shape(head, size):
+    net = segmentation_network(3, 2, 3, head=head, hidden_channels=4)
+    assert net(torch.rand(2, 1, *size)).shape == (2, 3, *size)
+
+
+@pytest.mark.parametrize("size", [(2, 2, 2), (3, 2, 1)])
+def test_linear_head_matches_hand_computation(size):
+    torch.manual_seed(0)
+    head = LinearFPNHead([2, 3], 4)
+    fine = torch.randn(1, 2, *size)
+    coarse = torch.randn(1, 3, *(math.ceil(s / 2) for s in size))  # one voxel for (2, 2, 2)
+    out = head([fine, coarse])
+
+    w0, b0 = head.convs[0].weight.flatten(1), head.convs[0].bias
+    w1, b1 = head.convs[1].weight.flatten(1), head.convs[1].bias
+    expected = torch.empty(1, 4, *size)
+    for x in range(size[0]):
+        for y in range(size[1]):
+            for z in range(size[2]):
+                # A voxel reads the coarse cell that contains it.
+                expected[0, :, x, y, z] = w0 @ fine[0, :, x, y, z] + b0 + w1 @ coarse[0, :, x // 2, y // 2, z // 2] + b1
+    torch.testing.assert_close(out, expected)
+
+
+def test_nonlinear_head_is_voxelwise():
+    torch.manual_seed(0)
+    head = NonLinearFPNHead([2, 3], 4, hidden_channels=5).eval()
+    fine, coarse = torch.randn(1, 2, 2, 2, 2), torch.randn(1, 3, 1, 1, 1)
+    out = head([fine, coarse])
+    # Changing one fine voxel changes that output voxel only.
+    fine2 = fine.clone()
+    fine2[0, :, 1, 0, 1] += 1.0
+    changed = (head([fine2, coarse]) != out).any(dim=1)[0]
+    assert changed.nonzero().tolist() == [[1, 0, 1]]
+
+
+def test_freeze_backbone():
+    net = segmentation_network(2, 2, 2)
+    net.freeze_backbone()
+    net.train()
+    assert net.backbone_frozen and net.training and net.head.training
+    assert not any(m.training for m in net.backbone.modules())
+    before = _state(net.backbone)
+    net(torch.rand(2, 1, 6, 6, 6)).sum().backward()
+    assert _same(before, _state(net.backbone))  # BN running stats and num_batches_tracked unchanged
+    assert all(p.grad is None and not p.requires_grad for p in net.backbone.parameters())
+    assert all(p.grad is not None for p in net.head.parameters())
+
+    net.freeze_backbone(False)
+    assert not net.backbone_frozen and all(m.training for m in net.backbone.modules())
+    net(torch.rand(2, 1, 6, 6, 6)).sum().backward()
+    assert all(p.requires_grad and p.grad is not None for p in net.backbone.parameters())
+    assert not _same(before, _state(net.backbone))  # BN statistics move again
+    net.eval()
+    assert not any(m.training for m in net.modules())
+
+
+def _run_trainer(warmup_epochs: int, max_epochs: int):
+    """Trains a tiny net with SupervisedTrainer; returns the net and the (backbone, head) states after each epoch."""
+    torch.manual_seed(0)
+    net = segmentation_network(2, 2, 2)
+    data = [{"image": torch.rand(2, 1, 8, 8, 8), "label": (torch.rand(2, 2, 8, 8, 8) > 0.5).float()} for _ in range(2)]
+    trainer = SupervisedTrainer(
+        device=torch.device("cpu"),
+        max_epochs=max_epochs,
+        train_data_loader=data,
+        network=net,
+        optimizer=torch.optim.Adam(net.parameters(), 1e-2),  # all parameters, frozen ones included
+        loss_function=torch.nn.BCEWithLogitsLoss(),
+    )
+    BackboneWarmup(net, warmup_epochs).attach(trainer)
+    states = [(_state(net.backbone), _state(net.head))]
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda _: states.append((_state(net.backbone), _state(net.head))))
+    trainer.run()
+    return net, states
+
+
+def test_backbone_warmup_with_supervised_trainer(capsys):
+    net, states = _run_trainer(warmup_epochs=1, max_epochs=2)
+    (backbone0, head0), (backbone1, head1), (backbone2, _) = states
+    assert _same(backbone0, backbone1)  # epoch 1: weights and BN buffers untouched although Adam holds them
+    assert not _same(head0, head1)
+    assert not _same(backbone1, backbone2)  # epoch 2: the same optimizer now trains the backbone
+    assert not net.backbone_frozen
+    out = capsys.readouterr().out
+    assert "epochs 1-1: backbone frozen (no gradient, BatchNorm in eval mode)" in out
+    assert "epoch 2: backbone unfrozen, all parameters train" in out
+
+
+def test_backbone_frozen_throughout(capsys):
+    net, states = _run_trainer(warmup_epochs=5, max_epochs=2)
+    assert _same(states[0][0], states[-1][0])
+    assert not _same(states[0][1], states[-1][1])
+    out = capsys.readouterr().out
+    assert "epochs 1-2: backbone frozen" in out and "unfrozen" not in out
+
+
+def test_backbone_warmup_resume(capsys):
+    class State:
+        epoch, max_epochs = 3, 5  # resumed after epoch 2: epoch 3 is about to run
+
+    net = segmentation_network(2, 2, 2)
+    warmup = BackboneWarmup(net, warmup_epochs=4)
+    warmup(type("Engine", (), {"state": State})())
+    assert net.backbone_frozen
+    assert "epochs 3-4: backbone frozen" in capsys.readouterr().out
+    State.epoch = 5
+    warmup(type("Engine", (), {"state": State})())
+    assert not net.backbone_frozen
+    assert "epoch 5: backbone unfrozen" in capsys.readouterr().out
+
+
+def test_pretrained_checkpoint(tmp_path, capsys):
+    source = FPN3d(1, 4, 3)
+    path = tmp_path / "backbone.pt"
+    torch.save(source.state_dict(), path)
+    net = segmentation_network(2, 4, 3, pretrained_ckpt=str(path))
+    assert _same(_state(source), _state(net.backbone))
+    assert f"loaded from {path}" in capsys.readouterr().out
+    segmentation_network(2, 4, 3)
+    assert "from scratch" in capsys.readouterr().out
+
+    other = tmp_path / "other.pt"
+    torch.save(FPN3d(1, 2, 2).state_dict(), other)
+    with pytest.raises(ValueError, match="other.pt"):
+        segmentation_network(2, 4, 3, pretrained_ckpt=str(other))
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        segmentation_network(2, 4, 3, pretrained_ckpt=str(tmp_path / "missing.pt"))
+
+
+def test_bad_head():
+    with pytest.raises(ValueError, match="head"):
+        segmentation_network(2, 2, 2, head="mlp")
+
+
+@pytest.mark.parametrize("head", ["linear", "nonlinear"])
+def test_torchscript_matches_eager(head):
+    net = segmentation_network(3, 4, 3, head=head, hidden_channels=4)
+    net.freeze_backbone()  # Python-only state must not hinder scripting
+    net.eval()
+    scripted = _script(net)
+    x = torch.rand(1, 1, 9, 6, 5)
+    torch.testing.assert_close(scripted(x), net(x))
+    scripted.train()  # the scripted network keeps the plain nn.Module train()/eval()
+    scripted.eval()
+    assert not scripted.training and isinstance(net, SegmentationNet)
