@@ -31,7 +31,7 @@ from monai.transforms import (
 from monai.utils import convert_to_dst_type, convert_to_numpy, ensure_tuple
 from scipy import ndimage
 
-__all__ = ["PRESETS", "BodyMaskd", "load_datalist", "preprocessing", "usable_volumes"]
+__all__ = ["PRESETS", "BodyMaskd", "ForegroundChannelsd", "load_datalist", "preprocessing", "usable_volumes"]
 
 # Intensities end up in [0, 1] for both modalities: the body-mask threshold and the local augmentations assume it.
 PRESETS: dict[str, dict] = {
@@ -122,6 +122,28 @@ class BodyMaskd(MapTransform):
             on_border[np.concatenate([labels[[0, -1]].ravel(), labels[:, [0, -1]].ravel()])] = True
             on_border[0] = False  # label 0 = bright voxels
             d[self.body_key] = convert_to_dst_type(~on_border[labels][None], d[key], dtype=torch.uint8)[0]
+        return d
+
+
+class ForegroundChannelsd(MapTransform):
+    """
+    Turns a label map (1, X, Y, Z) with values 0..num_classes into (num_classes, X, Y, Z) float 0/1 channels, one per
+    foreground class, for per-class sigmoid outputs. MONAI's ``AsDiscreted(to_onehot=...)`` keeps a background channel.
+
+    Args:
+        keys: label keys.
+        num_classes: number of foreground classes.
+    """
+
+    def __init__(self, keys: KeysCollection, num_classes: int) -> None:
+        super().__init__(keys)
+        self.num_classes = num_classes
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            classes = torch.arange(1, self.num_classes + 1, device=d[key].device).view(-1, 1, 1, 1)
+            d[key] = (d[key] == classes).float()
         return d
 
 

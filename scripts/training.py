@@ -12,6 +12,7 @@ from ignite.engine import Engine, Events
 from ignite.handlers import ProgressBar as _IgniteProgressBar
 from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
+from monai.handlers import MeanDice, from_engine
 from torch import nn
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "ProgressBar",
     "ExportBackbone",
     "latest_checkpoint",
+    "per_class_dice",
 ]
 
 
@@ -150,3 +152,21 @@ def latest_checkpoint(checkpoint_dir: str, pattern: str = r"checkpoint_iteration
         (int(m.group(1)), p) for p in Path(checkpoint_dir).glob("*.pt") if (m := re.fullmatch(pattern, p.name))
     ]
     return str(max(found)[1]) if found else None
+
+
+def per_class_dice(num_classes: int) -> dict[str, MeanDice]:
+    """Validation Dice of each foreground class as its own scalar metric ``val_dice_<c>`` (c = 1..num_classes).
+
+    Scalars, rather than one per-class vector, so that stats, TensorBoard and MLflow log every class.
+    """
+
+    def channel(c: int) -> Callable:
+        def select(output: list[dict]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+            preds, labels = from_engine(["pred", "label"])(output)
+            return [p[c : c + 1] for p in preds], [y[c : c + 1] for y in labels]
+
+        return select
+
+    return {
+        f"val_dice_{c + 1}": MeanDice(include_background=True, output_transform=channel(c)) for c in range(num_classes)
+    }

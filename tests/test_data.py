@@ -204,3 +204,12 @@ def test_usable_volumes_skips_empty_volumes_and_fills_cache(tmp_path):
 
     with pytest.warns(UserWarning), pytest.raises(ValueError, match="None of the 1 volumes has body voxels"):
         usable_volumes(Dataset([{"image": empty}], transform=preprocessing("mri", (8, 8, 4))))
+
+
+def test_foreground_channels_drop_the_background():
+    from scripts.data import ForegroundChannelsd
+
+    label = torch.tensor([0, 1, 2, 2, 0]).view(1, 5, 1, 1)
+    out = ForegroundChannelsd("label", num_classes=2)({"label": label})["label"]
+    assert out.shape == (2, 5, 1, 1) and out.dtype == torch.float32
+    assert out[:, :, 0, 0].tolist() == [[0, 1, 0, 0, 0], [0, 0, 1, 1, 0]]

@@ -100,3 +100,17 @@ def test_term_metrics_average_over_an_epoch_and_logging_transform():
     assert engine.state.metrics["infonce"] == pytest.approx(sum(values) / 4, rel=1e-6)
     logged = loss_and_terms(loss)(engine.state.output)
     assert set(logged) == {"loss", "infonce", "restoration"} and all(isinstance(v, float) for v in logged.values())
+
+
+def test_dice_bce_is_per_class_sigmoid_dice_plus_bce():
+    from monai.losses import DiceLoss
+
+    from scripts.losses import DiceBCELoss
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 4, 4, 2)
+    target = (torch.rand(2, 3, 4, 4, 2) > 0.5).float()
+    expected = DiceLoss(sigmoid=True)(logits, target) + F.binary_cross_entropy_with_logits(logits, target)
+    torch.testing.assert_close(DiceBCELoss()(logits, target), expected)
+    confident = DiceBCELoss()(20 * (2 * target - 1), target)
+    assert confident < 0.01

@@ -100,3 +100,20 @@ def test_export_backbone_writes_a_plain_state_dict_on_completion_only(tmp_path):
     engine.run([0])
     state = torch.load(target, weights_only=True)
     assert state.keys() == backbone.state_dict().keys()
+
+
+def test_per_class_dice_equals_the_hand_computation():
+    from scripts.training import per_class_dice
+
+    label = torch.zeros(2, 4, 4, 1)
+    label[0, :2] = 1  # class 1: 8 voxels
+    label[1, :, :1] = 1  # class 2: 4 voxels
+    pred = torch.zeros_like(label)
+    pred[0, :2] = 1  # class 1 exact: Dice 1
+    pred[1, :, :2] = 1  # class 2: 8 predicted, 4 overlap: Dice 2*4 / (8 + 4)
+    engine = Engine(lambda e, b: [{"pred": pred, "label": label}])
+    for name, metric in per_class_dice(2).items():
+        metric.attach(engine, name)
+    engine.run([0], max_epochs=1)
+    assert engine.state.metrics["val_dice_1"] == pytest.approx(1.0)
+    assert engine.state.metrics["val_dice_2"] == pytest.approx(8 / 12)
