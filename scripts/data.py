@@ -37,6 +37,10 @@ __all__ = ["PRESETS", "BodyMaskd", "ForegroundChannelsd", "load_datalist", "prep
 PRESETS: dict[str, dict] = {
     # Clip to the [a_min, a_max] HU window, then scale it linearly to [0, 1].
     "ct": {"axcodes": "RAS", "pixdim": (1.0, 1.0, 2.0), "a_min": -175.0, "a_max": 250.0},
+    # vox2vec's intensity range (REFERENCE.md §2): its random HU window (`Vox2VecAugmentations`) is applied to the
+    # cached [0, 1] data, so the cache must keep every HU value a window can show; "ct" would have clipped them.
+    # The body-mask threshold 0.3 then sits at -1350 + 0.3 * 2350 = -645 HU: still below soft tissue, above air.
+    "ct_wide": {"axcodes": "RAS", "pixdim": (1.0, 1.0, 2.0), "a_min": -1350.0, "a_max": 1000.0},
     # Clip to the [lower, upper] percentiles of the volume's own intensities, then scale them to [0, 1].
     "mri": {"axcodes": "RAS", "pixdim": (1.5, 1.5, 1.5), "lower": 1.0, "upper": 99.99},
 }
@@ -161,7 +165,7 @@ def preprocessing(
     body's bounding box and pads them to at least `patch_size` (a small volume is padded with 0, not dropped).
 
     Args:
-        modality: a key of `PRESETS` ("ct" or "mri").
+        modality: a key of `PRESETS`: "ct" (DHR's [-175, 250] HU), "ct_wide" (vox2vec's [-1350, 1000] HU) or "mri".
         patch_size: minimum spatial size (X, Y, Z) in voxels after cropping.
         image_key: datalist key of the image.
         label_key: datalist key of the label, or None for unlabelled data.
@@ -176,7 +180,7 @@ def preprocessing(
     preset = PRESETS[modality]
     keys = [image_key] + ([label_key] if label_key else [])
     spacing = preset["pixdim"] if pixdim is None else pixdim
-    if modality == "ct":
+    if "a_min" in preset:  # a fixed HU range (CT presets)
         scale = ScaleIntensityRanged(image_key, preset["a_min"], preset["a_max"], b_min=0.0, b_max=1.0, clip=True)
     else:
         scale = ScaleIntensityRangePercentilesd(
