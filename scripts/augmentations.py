@@ -13,7 +13,7 @@ import torch
 
 from scripts.data import PRESETS
 
-__all__ = ["LocalAugmentations", "Vox2VecAugmentations"]
+__all__ = ["LocalAugmentations", "Vox2VecAugmentations", "build_augmentation"]
 
 
 class LocalAugmentations:
@@ -518,3 +518,19 @@ class Vox2VecAugmentations:
         index = torch.where(index < size, index, 2 * size - 1 - index)
         matrices = kernels.new_zeros(batch, size, size)
         return matrices.scatter_add_(2, index.expand(batch, -1, -1), kernels[:, None, :].expand(-1, size, -1))
+
+
+def build_augmentation(name: str, modality: str) -> LocalAugmentations | Vox2VecAugmentations | None:
+    """The pretraining augmentation named by the config key `augmentations`.
+
+    Args:
+        name: "local" (DHR's local augmentations), "vox2vec" (blur or sharpen, noise, HU window) or "none".
+        modality: the data's preset, which vox2vec's augmentations need ("ct_wide" or "mri").
+    """
+    if name == "local":
+        return LocalAugmentations()
+    if name == "vox2vec":
+        return Vox2VecAugmentations(modality)
+    if name == "none":
+        return None
+    raise ValueError(f"Unknown augmentations={name!r}: the key `augmentations` must be 'local', 'vox2vec' or 'none'.")

@@ -36,9 +36,11 @@ def write_volumes(folder: Path, count: int = 2) -> None:
         nib.save(nib.Nifti1Image(image, np.diag([1.5, 1.5, 1.5, 1.0])), folder / f"case_{i}.nii.gz")
 
 
-def run_pretrain(tmp: Path, *extra: str, epochs: int = 2) -> subprocess.CompletedProcess:
+def run_pretrain(
+    tmp: Path, *extra: str, epochs: int = 2, config: str = "configs/pretrain.yaml"
+) -> subprocess.CompletedProcess:
     args = {**TINY, "dataset_dir": str(tmp / "data"), "output_dir": str(tmp / "out"), "models_dir": str(tmp / "models")}
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "pretrain", "--config_file", "configs/pretrain.yaml"]
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "pretrain", "--config_file", config]
     for key, value in {**args, "epochs": str(epochs)}.items():
         cmd += [f"--{key}", value]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
