@@ -16,6 +16,14 @@ from scripts.data import PRESETS
 __all__ = ["LocalAugmentations", "Vox2VecAugmentations", "build_augmentation"]
 
 
+def _check_patches(images: torch.Tensor) -> None:
+    """Both augmentations take a batch of single-channel 3D patches (B, 1, X, Y, Z) of floating point intensities."""
+    if images.ndim != 5 or images.shape[1] != 1 or not images.is_floating_point():
+        raise ValueError(
+            f"images must be a floating point (B, 1, X, Y, Z) tensor, got {images.dtype} {tuple(images.shape)}."
+        )
+
+
 class LocalAugmentations:
     """
     DHR's local augmentations (Kats et al., ISBI 2024), applied independently to every patch of a batch with batched
@@ -107,10 +115,7 @@ class LocalAugmentations:
         Returns:
             a new plain (B, 1, X, Y, Z) tensor of the same dtype and device; `images` is not modified.
         """
-        if images.ndim != 5 or images.shape[1] != 1 or not images.is_floating_point():
-            raise ValueError(
-                f"images must be a floating point (B, 1, X, Y, Z) tensor, got {images.dtype} {tuple(images.shape)}."
-            )
+        _check_patches(images)
         # Plain tensor ops: a subclass (e.g. MetaTensor) would only add overhead to each of the many small ops below.
         images = images.as_subclass(torch.Tensor)
         batch, spatial = images.shape[0], tuple(images.shape[2:])
@@ -417,10 +422,7 @@ class Vox2VecAugmentations:
         Returns:
             a new plain (B, 1, X, Y, Z) tensor of the same dtype and device; `images` is not modified.
         """
-        if images.ndim != 5 or images.shape[1] != 1 or not images.is_floating_point():
-            raise ValueError(
-                f"images must be a floating point (B, 1, X, Y, Z) tensor, got {images.dtype} {tuple(images.shape)}."
-            )
+        _check_patches(images)
         return self._apply(images, self._draw(images.shape[0], images.device))
 
     def _draw(self, batch: int, device: torch.device) -> _Vox2VecParameters:
