@@ -28,11 +28,13 @@ def info_nce(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1) -> to
     Returns:
         Scalar loss in nats, computed in float32 whatever the input dtype (AMP).
     """
-    z = torch.cat([z1, z2]).float()
-    logits = z @ z.T / temperature
-    logits.fill_diagonal_(float("-inf"))  # an embedding is not its own negative
-    positives = (z1.float() * z2.float()).sum(-1).repeat(2) / temperature
-    return (torch.logsumexp(logits, dim=1) - positives).mean()
+    # autocast would run the matrix product in bf16 even on float32 inputs; ~10k-way softmaxes need float32
+    with torch.autocast(z1.device.type, enabled=False):
+        z = torch.cat([z1, z2]).float()
+        logits = z @ z.T / temperature
+        logits.fill_diagonal_(float("-inf"))  # an embedding is not its own negative
+        positives = (z1.float() * z2.float()).sum(-1).repeat(2) / temperature
+        return (torch.logsumexp(logits, dim=1) - positives).mean()
 
 
 class HybridLoss(nn.Module):
