@@ -1,0 +1,187 @@
+"""Test-set evaluation (configs/evaluate.yaml on top of train.yaml): metrics on the original grid, files, MLflow."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigParser
+from monai.data import MetaTensor
+
+from scripts.evaluation import EvaluationSummary, HausdorffDistanceMM
+from scripts.segmentation import segmentation_network
+from scripts.splits import labelled_datalist, split_cases
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ["configs/train.yaml", "configs/evaluate.yaml"]
+TINY = {"patch_size": "[16,16,8]", "base_channels": "4", "num_scales": "3", "num_classes": "2", "num_workers": "0"}
+SHAPE = (28, 26, 14)
+# Flipped x and y (not RAS) at the MRI preset's 1.5 mm: preprocessing reorients, so the prediction must be flipped
+# back, but it does not resample, so hand counts of voxels stay exact.
+AFFINE = np.array([[-1.5, 0, 0, 20.0], [0, -1.5, 0, 10.0], [0, 0, 1.5, -5.0], [0, 0, 0, 1]])
+PRED_1 = (slice(8, 16), slice(6, 12), slice(3, 9))  # intensity 500: class 1 only
+PRED_2 = (slice(16, 22), slice(10, 18), slice(4, 8))  # intensity 700: class 2 only
+BOTH = (slice(16, 22), slice(10, 18), slice(8, 11))  # intensity 600: both above 0.5, class 2 more probable
+LABEL_1 = (slice(6, 14), slice(6, 12), slice(3, 9))
+LABEL_2 = (slice(16, 22), slice(10, 18), slice(4, 10))
+
+
+class IntensityClassifier(torch.nn.Module):
+    """A voxel-wise stand-in for the network: logits from the preprocessed intensity (the image scaled by 1/700)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        def near(value: float) -> torch.Tensor:
+            return (x - value / 700).abs() < 0.05
+
+        class_1 = torch.where(near(500) | near(600), 4.0, -4.0)
+        class_2 = torch.where(near(700), 4.0, torch.where(near(600), 6.0, -4.0))
+        return torch.cat([class_1, class_2], 1)
+
+
+def write_controlled_cases(folder: Path) -> None:
+    """A datalist JSON with 3 training cases (the split needs some) and 2 test cases; intensities encode predictions."""
+    image = np.zeros(SHAPE, dtype=np.float32)
+    image[2:-2, 2:-2] = 300  # body; the 2-voxel rim is air, cropped away by preprocessing and padded back
+    image[PRED_1], image[PRED_2], image[BOTH] = 500, 700, 600
+    label = np.zeros(SHAPE, dtype=np.uint8)
+    label[LABEL_1], label[LABEL_2] = 1, 2
+    folder.mkdir(parents=True)
+    items = []
+    for i in range(5):
+        nib.save(nib.Nifti1Image(image, AFFINE), folder / f"image_{i}.nii.gz")
+        nib.save(nib.Nifti1Image(label, AFFINE), folder / f"label_{i}.nii.gz")
+        items.append({"image": f"image_{i}.nii.gz", "label": f"label_{i}.nii.gz"})
+    (folder / "dataset.json").write_text(json.dumps({"training": items[:3], "test": items[3:]}))
+
+
+def hand_dice() -> list[float]:
+    """Dice of classes 1 and 2 by voxel counting, with the rule: the most probable class above 0.5, else background."""
+    pred, label = np.zeros(SHAPE, int), np.zeros(SHAPE, int)
+    pred[PRED_1], pred[PRED_2], pred[BOTH] = 1, 2, 2
+    label[LABEL_1], label[LABEL_2] = 1, 2
+    return [2 * ((pred == c) & (label == c)).sum() / ((pred == c).sum() + (label == c).sum()) for c in (1, 2)]
+
+
+def test_dice_and_hd95_on_the_original_grid_match_hand_computations(tmp_path):
+    write_controlled_cases(tmp_path / "data")
+    torch.save(IntensityClassifier().state_dict(), tmp_path / "model.pt")  # no parameters: the strict load passes
+    parser = ConfigParser()
+    parser.read_config([str(ROOT / c) for c in CONFIGS])
+    parser.update(
+        {
+            "patch_size": [16, 16, 8],
+            "num_classes": 2,
+            "num_workers": 0,
+            "dataset_dir": str(tmp_path / "data"),
+            "output_dir": str(tmp_path / "out"),
+            "model_file": str(tmp_path / "model.pt"),
+            "amp": False,
+            "device": "cpu",
+        }
+    )
+    parser["network"] = IntensityClassifier()
+    parser.get_parsed_content("evaluator").run()
+
+    expected = hand_dice()
+    assert expected == pytest.approx([0.75, 576 / 624])
+    out = tmp_path / "out/evaluation"
+    with open(out / "dice_raw.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [Path(r["filename"]).name for r in rows] == ["image_3.nii.gz", "image_4.nii.gz"]
+    for row in rows:
+        assert [float(row["class0"]), float(row["class1"])] == pytest.approx(expected, abs=1e-4)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["num_cases"] == 2
+    assert summary["model_file"] == str(tmp_path / "model.pt")
+    assert list(summary["dice_per_class"].values()) == pytest.approx(expected)
+    assert summary["mean_dice"] == pytest.approx(np.mean(expected))
+    # Class 2's prediction overshoots the label by exactly one 1.5 mm slice: its HD95 is 1.5 mm, not 1 voxel.
+    assert summary["hd95_mm_per_class"]["2"] == pytest.approx(1.5)
+    assert summary["hd95_mm_per_class"]["1"] == pytest.approx(3.0)  # shifted by 2 voxels along x
+    assert summary["hd95_undefined_per_class"] == {"1": 0, "2": 0}
+    assert len(list((out / "overlays").glob("*.png"))) == 2
+
+
+def test_hd95_is_in_millimetres_from_the_label_affine():
+    pred, label = torch.zeros(1, 1, 6, 4, 4), torch.zeros(1, 1, 6, 4, 4)
+    pred[0, 0, 0, 0, 0] = label[0, 0, 3, 0, 0] = 1  # 3 voxels apart along x, spacing 2 mm
+    affine = torch.diag(torch.tensor([2.0, 1.0, 0.5, 1.0]))
+    metric = HausdorffDistanceMM(include_background=True, percentile=95)
+    metric([MetaTensor(pred[0])], [MetaTensor(label[0], affine=affine)])
+    assert metric.aggregate().item() == pytest.approx(6.0)
+    with pytest.raises(TypeError, match="MetaTensor"):
+        metric(pred, label)
+
+
+def test_summary_skips_undefined_values_and_writes_strict_json(tmp_path):
+    class Engine:
+        class state:  # noqa: N801 - mimics ignite's engine.state
+            metrics: dict = {}
+            metric_details = {
+                "dice": torch.tensor([[0.5, float("nan")], [1.0, 0.25]]),
+                "hd95": torch.tensor([[2.0, float("inf")], [4.0, float("nan")]]),
+            }
+
+    summary = EvaluationSummary(str(tmp_path / "s.json"), "m.pt")(Engine)
+    assert summary["dice_per_class"] == {"1": 0.75, "2": 0.25}
+    assert summary["mean_dice"] == pytest.approx(1.75 / 3)
+    assert summary["hd95_mm_per_class"] == {"1": 3.0, "2": None}
+    assert summary["hd95_undefined_per_class"] == {"1": 0, "2": 2}
+    assert Engine.state.metrics["dice_2"] == 0.25 and np.isnan(Engine.state.metrics["hd95_2"])
+    assert json.loads((tmp_path / "s.json").read_text()) == summary  # no NaN/Infinity tokens
+
+
+def run_evaluate(tmp: Path, *extra: str, **keys: str) -> subprocess.CompletedProcess:
+    args = {**TINY, "num_folds": "2", "dataset_dir": str(tmp / "data"), "output_dir": str(tmp / "out")}
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "evaluate", "--config_file", str(CONFIGS)]
+    for key, value in {**args, **keys}.items():
+        cmd += [f"--{key}", value]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([*cmd, *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory):
+    from test_train_bundle import write_cases
+
+    tmp = tmp_path_factory.mktemp("evaluate")
+    write_cases(tmp / "data")
+    torch.manual_seed(0)
+    torch.save(segmentation_network(2, 4, 3).state_dict(), tmp / "model.pt")
+    return tmp
+
+
+def test_evaluate_writes_per_case_csv_summary_overlays_and_logs_to_mlflow(labelled):
+    result = run_evaluate(labelled, "--tracking", "mlflow", model_file=str(labelled / "model.pt"))
+    assert result.returncode == 0, result.stderr[-4000:]
+    test_cases = split_cases(labelled_datalist(labelled / "data"), None, 0, 2, 1, 0)["test"]
+    out = labelled / "out/evaluation"
+    for name in ("dice_raw.csv", "hd95_raw.csv"):
+        with open(out / name) as f:
+            rows = list(csv.DictReader(f))
+        assert sorted(r["filename"] for r in rows) == sorted(c["image"] for c in test_cases)
+        assert set(rows[0]) == {"filename", "class0", "class1", "mean"}
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["num_cases"] == len(test_cases) and set(summary["dice_per_class"]) == {"1", "2"}
+    assert len(list((out / "overlays").glob("*.png"))) == min(3, len(test_cases))
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{labelled / 'out/mlruns.db'}")
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert {"dice", "hd95", "dice_1", "dice_2", "hd95_1", "hd95_2"} <= set(run.data.metrics)
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"summary.json", "dice_raw.csv", "hd95_raw.csv"} <= artifacts
+    assert any(a.endswith(".png") for a in artifacts)
+
+
+def test_missing_model_file_stops_with_its_name(labelled):
+    result = run_evaluate(labelled, model_file=str(labelled / "nowhere.pt"), output_dir=str(labelled / "missing"))
+    assert result.returncode != 0
+    assert "nowhere.pt" in result.stderr and "FileNotFoundError" in result.stderr
