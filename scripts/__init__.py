@@ -1,6 +1,6 @@
 """Python components of the DHR bundle, referenced from `configs/*.yaml` as `scripts.<module>.<Name>`."""
 
-from . import augmentations, data, demo, import_weights, losses, networks, sampler, segmentation, splits, training
+from . import augmentations, data, demo, import_weights, losses, networks, pcrl, sampler, segmentation, splits, training
 
 __all__ = [
     "augmentations",
@@ -9,6 +9,7 @@ __all__ = [
     "import_weights",
     "losses",
     "networks",
+    "pcrl",
     "sampler",
     "segmentation",
     "splits",

@@ -113,21 +113,46 @@ class FPN3d(nn.Module):
             `num_scales` maps, finest first; level ``i`` is (B, base_channels * 2**i, ceil(X/2**i), ceil(Y/2**i),
             ceil(Z/2**i)).
         """
+        return self.decode(self.encode(x))
+
+    def encode(self, x: Tensor) -> list[Tensor]:
+        """The encoder half, for methods that work on encoder features (PCRL mixes and gates them).
+
+        Args:
+            x: (B, in_channels, X, Y, Z).
+
+        Returns:
+            `num_scales` maps: the skip features of levels ``0 .. num_scales - 2`` (fine to coarse), then the
+            bottleneck; map ``i`` is (B, base_channels * 2**i, ceil(X/2**i), ceil(Y/2**i), ceil(Z/2**i)).
+        """
         x = self.first_conv(x)
-        encoder: list[Tensor] = []
+        features: list[Tensor] = []
         for left, down in zip(self.left_blocks, self.down_blocks, strict=True):
             x = left(x)
-            encoder.append(x)
+            features.append(x)
             x = down(x)
+        features.append(self.bottom_block(x))
+        return features
 
-        x = self.bottom_block(x)
+    def decode(self, features: list[Tensor]) -> list[Tensor]:
+        """The decoder half: the feature pyramid from encoder features as returned by `encode` (not modified).
+
+        Args:
+            features: `num_scales` maps, shaped as returned by `encode`.
+
+        Returns:
+            `num_scales` maps, finest first, of the shapes of `features`; the coarsest is the bottleneck itself.
+        """
+        x = features[-1]
         pyramid: list[Tensor] = [x]
+        level = len(features) - 2  # the skip features are consumed coarse to fine
         for up, skip, right in zip(self.up_blocks, self.skip_blocks, self.right_blocks, strict=True):
-            fmap = encoder.pop()
+            fmap = features[level]
             # Ceil-mode pooling rounds odd sizes up, so the upsampled map can be one voxel larger than the skip.
             x = up(x)[:, :, : fmap.shape[2], : fmap.shape[3], : fmap.shape[4]]
             x = right(x + skip(fmap))
             pyramid.insert(0, x)
+            level -= 1
         return pyramid
 
 

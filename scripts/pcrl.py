@@ -1,0 +1,410 @@
+"""PCRL, preservational contrastive representation learning (Zhou et al., ICCV 2021), on the bundle's FPN3d backbone.
+
+Three encoders share one decoder: the student (the trained `FPN3d`'s encoder), a momentum teacher (an EMA copy of the
+student) and a hybrid (a mix of both encoders' features). MoCo-style InfoNCE with a queue of negatives on globally
+pooled bottleneck features, plus reconstruction of the clean crops under a random flip/rotation `T` that the decoder is
+told by transformation-conditioned attention. The voxel-pair sampler's two overlapping patch views are PCRL's two
+crops, so the data pipeline is DHR's (`configs/pretrain_pcrl.yaml` overrides `configs/pretrain.yaml`).
+
+Per step, with P pairs, clean views ``c1, c2``, corrupted views ``x1, x2`` (`LocalAugmentations`), independent random
+transformations ``T1, T2`` per patch and ``alpha ~ Beta(1, 1)`` folded to [0.5, 1]:
+
+- contrastive: query = student embedding of ``x1``, key = teacher embedding of ``x2``; InfoNCE against the key and the
+  queue; the plain keys are enqueued once after the optimiser step.
+- ``student``: decode(student features of ``x1``, gated by ``T1``) -> ``T1(c1)``.
+- ``teacher``: decode(teacher features of ``x2``, gated by ``T2``) -> ``T2(c2)``; the teacher features carry no
+  gradient, so this term trains the shared decoder, the attention and the restoration head only.
+- ``hybrid``: decode(alpha * gated student features + (1 - alpha) * gated teacher features, every level)
+  -> ``alpha * T1(c1) + (1 - alpha) * T2(c2)``. Each bottleneck is gated by its own transformation before the mix, as
+  in the authors' code, so the target is the matching mix of the two branches' targets.
+- input mixup (optional): a random partner ``j = perm(i)`` and ``lam ~ Beta(1, 1)`` folded to [0.5, 1] (the authors'
+  code folds it too), shared by both views: ``m1 = lam * x1 + (1 - lam) * x1[perm]``, likewise ``m2`` from ``x2``, and
+  the mixed clean views ``mc1, mc2`` alike. Terms: ``student_mixup``: student(m1) gated by ``T1`` -> ``T1(mc1)``;
+  ``hybrid_mixup``: the hybrid of student(m1) and teacher(m2) with a fresh ``alpha2`` ->
+  ``alpha2 * T1(mc1) + (1 - alpha2) * T2(mc2)``; ``infonce_mixup``: query = student embedding of ``m1``, key = teacher
+  embedding of ``m2`` (same partners and ``lam``, so a true positive), negatives from the same queue; these keys are
+  not enqueued. The authors' code gates nothing in the mixup pass, reconstructs untransformed crops there, and adds a
+  third contrastive term against feature-mixed keys; here the mixup pass uses the same ``T1, T2`` as the plain pass.
+
+Loss = mean of the InfoNCE terms + mean of the reconstruction MSEs. Deviations from the authors' code, on purpose:
+targets are the clean crops after ``T`` (theirs: the corrupted input), one enqueue of plain keys per step (theirs:
+three, with mixed keys), InfoNCE (theirs: an NCE variant with wrong constants), a linear restoration head as in DHR
+(theirs: sigmoid), no out-painting (the bundle's local augmentations have none).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from monai.engines import SupervisedTrainer
+from torch import Tensor, nn
+
+from scripts.networks import FPN3d
+
+__all__ = [
+    "CODE_SIZE",
+    "random_transforms",
+    "transform_code",
+    "apply_transforms",
+    "PCRLBatch",
+    "PCRLNetwork",
+    "PCRLLoss",
+    "PCRLTrainer",
+]
+
+CODE_SIZE = 7
+"""Length of a transformation code: 3 flip bits (X, Y, Z), then a one-hot of the in-plane rotation k in 0..3."""
+
+
+def random_transforms(
+    batch: int, spatial_size: Sequence[int], device: torch.device | str | None = None
+) -> tuple[Tensor, Tensor]:
+    """
+    Draws a random `T` per patch: each axis flipped with probability 1/2, then an in-plane (X-Y) rotation by k * 90
+    degrees, k uniform in 0..3. When X != Y only k in {0, 2} keeps the patch shape, so k is drawn from those.
+
+    Args:
+        batch: number of patches B.
+        spatial_size: (X, Y, Z) of the patches.
+        device: where the returned tensors live.
+
+    Returns:
+        flips (B, 3) bool, per axis X, Y, Z; rotations (B,) int64, k.
+    """
+    flips = torch.rand(batch, 3, device=device) < 0.5
+    if spatial_size[0] == spatial_size[1]:
+        rotations = torch.randint(0, 4, (batch,), device=device)
+    else:
+        rotations = 2 * torch.randint(0, 2, (batch,), device=device)
+    return flips, rotations
+
+
+def transform_code(flips: Tensor, rotations: Tensor) -> Tensor:
+    """The 7-d code of each `T` that conditions the decoder: (B, 3) flips, (B,) rotations -> (B, 7) float32."""
+    return torch.cat([flips.float(), F.one_hot(rotations, 4).float()], dim=1)
+
+
+def apply_transforms(images: Tensor, flips: Tensor, rotations: Tensor) -> Tensor:
+    """
+    Applies each patch's `T`: flips first, then ``torch.rot90(patch, k, dims=(X, Y))``.
+
+    Batched without per-patch loops: each candidate flip or rotation is computed for the whole batch and selected per
+    patch (a few copies of a batch of patches are cheap next to a network pass).
+
+    Args:
+        images: (B, C, X, Y, Z).
+        flips: (B, 3) bool, per axis X, Y, Z.
+        rotations: (B,) int64, k in 0..3; even when X != Y.
+
+    Returns:
+        (B, C, X, Y, Z), a new tensor.
+    """
+    if images.ndim != 5:
+        raise ValueError(f"images must be (B, C, X, Y, Z), got shape {tuple(images.shape)}.")
+    square = images.shape[2] == images.shape[3]
+    if not square and bool((rotations % 2 == 1).any()):
+        raise ValueError(f"odd 90-degree rotations change the shape of {tuple(images.shape[2:])} patches (X != Y).")
+    out = images
+    for axis in range(3):
+        out = torch.where(flips[:, axis].view(-1, 1, 1, 1, 1), out.flip(axis + 2), out)
+    rotated = out
+    for k in (1, 2, 3) if square else (2,):
+        rotated = torch.where((rotations == k).view(-1, 1, 1, 1, 1), torch.rot90(out, k, dims=(2, 3)), rotated)
+    return rotated
+
+
+def _folded_uniform() -> float:
+    """``max(a, 1 - a)`` for ``a ~ Beta(1, 1)``, i.e. uniform in [0.5, 1]: PCRL's mixing weights (the first input
+    dominates). Drawn from torch's default CPU generator, so `set_determinism` reproduces it."""
+    a = torch.rand(()).item()
+    return max(a, 1.0 - a)
+
+
+class PCRLBatch:
+    """
+    ``prepare_batch`` for `PCRLTrainer`: moves voxel-pair batches to the device, corrupts the views there and builds
+    the reconstruction targets and the random transformations (all randomness of a step is drawn here, so the
+    network's forward is a deterministic function of its arguments).
+
+    A batch from :class:`scripts.sampler.VoxelPairSamplerd` holds V volumes x N pairs; the P = V * N pairs give clean
+    views ``c1, c2`` (P, 1, X, Y, Z) each. See the module docstring for the terms.
+
+    Args:
+        augment: batched corruption ``(B, 1, X, Y, Z) -> (B, 1, X, Y, Z)``, or None for none.
+        mixup: add the input-mixup pass.
+
+    Returns (when called):
+        ``inputs`` (2P, 1, X, Y, Z): corrupted views, view 1 first;
+        ``targets``: ``student``, ``teacher``, ``hybrid`` and with mixup ``student_mixup``, ``hybrid_mixup``, each
+        (P, 1, X, Y, Z);
+        no positional args;
+        kwargs for `PCRLNetwork`: ``codes`` (2P, 7), ``alpha`` float, and with mixup ``mixed`` (2P, 1, X, Y, Z) and
+        ``mixed_alpha`` float.
+    """
+
+    def __init__(self, augment: Callable[[Tensor], Tensor] | None = None, mixup: bool = True) -> None:
+        self.augment = augment
+        self.mixup = mixup
+
+    def __call__(
+        self,
+        batchdata: dict[str, Tensor],
+        device: str | torch.device | None = None,
+        non_blocking: bool = False,
+        **kwargs,
+    ) -> tuple[Tensor, dict[str, Tensor], tuple, dict]:
+        def flat(key: str) -> Tensor:  # (V, N, ...) -> (V * N, ...), a plain tensor: no metadata to track here
+            view = batchdata[key].flatten(0, 1).as_subclass(Tensor)
+            return view.to(device=device, non_blocking=non_blocking, **kwargs)
+
+        clean = torch.cat([flat("view1"), flat("view2")])
+        pairs = clean.shape[0] // 2
+        inputs = self.augment(clean) if self.augment is not None else clean
+        flips, rotations = random_transforms(2 * pairs, clean.shape[2:], clean.device)
+        target = apply_transforms(clean, flips, rotations)
+        alpha = _folded_uniform()
+        targets = {
+            "student": target[:pairs],
+            "teacher": target[pairs:],
+            "hybrid": alpha * target[:pairs] + (1 - alpha) * target[pairs:],
+        }
+        network_kwargs = {"codes": transform_code(flips, rotations), "alpha": alpha}
+        if self.mixup:
+            # One partner per pair, the same in both views, so that mixed view 1 and mixed view 2 still match.
+            partner = torch.randperm(pairs, device=clean.device)
+            partner = torch.cat([partner, partner + pairs])
+            lam = _folded_uniform()
+            # T is linear and per patch, so T_i(lam * c_i + (1 - lam) * c_j) is the target of the mixed patch i.
+            mixed_target = apply_transforms(lam * clean + (1 - lam) * clean[partner], flips, rotations)
+            mixed_alpha = _folded_uniform()
+            targets["student_mixup"] = mixed_target[:pairs]
+            targets["hybrid_mixup"] = mixed_alpha * mixed_target[:pairs] + (1 - mixed_alpha) * mixed_target[pairs:]
+            network_kwargs.update(mixed=lam * inputs + (1 - lam) * inputs[partner], mixed_alpha=mixed_alpha)
+        return inputs, targets, (), network_kwargs
+
+
+def _gate(features: list[Tensor], gate: Tensor) -> list[Tensor]:
+    """Multiplies the bottleneck's channels (B, C, ...) by ``gate`` (B, C); the skip features stay as they are."""
+    return [*features[:-1], features[-1] * gate.view(*gate.shape, 1, 1, 1)]
+
+
+def _mix(first: list[Tensor], second: list[Tensor], alpha: float) -> list[Tensor]:
+    """``alpha * first + (1 - alpha) * second`` at every encoder level: the hybrid encoder's features."""
+    return [alpha * a + (1 - alpha) * b for a, b in zip(first, second, strict=True)]
+
+
+class PCRLNetwork(nn.Module):
+    """
+    PCRL's pretraining network around a student `FPN3d`: the momentum teacher (an EMA copy of the backbone, no
+    gradient), MoCo projection heads, the transformation-conditioned attention, the restoration head and the queue.
+
+    The teacher, its head, the ``queue`` (K, D) of unit vectors and its ``queue_ptr`` (the next row to overwrite) are
+    part of the state dict, so checkpoints of this module resume exactly. Call :meth:`step` after each optimiser step.
+    The queue is local to the process: multi-GPU training would need the keys gathered across processes.
+
+    Args:
+        backbone: the student; its encoder and decoder are used separately (`FPN3d.encode`, `FPN3d.decode`), and it is
+            what gets exported.
+        queue_size: number of negatives K.
+        embedding_dim: length D of the contrastive embeddings.
+        temperature: InfoNCE temperature.
+        momentum: EMA momentum m of the teacher: ``teacher = m * teacher + (1 - m) * student``.
+        attention_hidden: hidden width of the attention MLP (7 -> hidden -> bottleneck channels).
+    """
+
+    def __init__(
+        self,
+        backbone: FPN3d,
+        queue_size: int = 16384,
+        embedding_dim: int = 128,
+        temperature: float = 0.2,
+        momentum: float = 0.999,
+        attention_hidden: int = 256,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.temperature = temperature
+        self.momentum = momentum
+        bottleneck = backbone.out_channels[-1]
+        self.head = nn.Sequential(
+            nn.Linear(bottleneck, bottleneck), nn.ReLU(inplace=True), nn.Linear(bottleneck, embedding_dim)
+        )
+        # The teacher starts as an exact copy (the authors' momentum update with m = 0) and is never optimised.
+        self.teacher = copy.deepcopy(backbone).requires_grad_(False)
+        self.teacher_head = copy.deepcopy(self.head).requires_grad_(False)
+        self.attention = nn.Sequential(
+            nn.Linear(CODE_SIZE, attention_hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(attention_hidden, bottleneck),
+            nn.Sigmoid(),
+        )
+        self.restoration_head = nn.Conv3d(backbone.out_channels[0], 1, kernel_size=1)
+        self.register_buffer("queue", F.normalize(torch.randn(queue_size, embedding_dim), dim=1))
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+        self._keys: Tensor | None = None  # this step's keys, enqueued by `step` once the optimiser has stepped
+
+    def forward(
+        self, images: Tensor, codes: Tensor, alpha: float, mixed: Tensor | None = None, mixed_alpha: float = 0.5
+    ) -> dict[str, Tensor]:
+        """
+        Args:
+            images: (2P, 1, X, Y, Z) corrupted views, the P views 1 then their P views 2.
+            codes: (2P, 7) transformation codes of the views (`transform_code`).
+            alpha: hybrid mixing weight of the student features, in [0.5, 1].
+            mixed: (2P, 1, X, Y, Z) input-mixed views for the mixup pass, or None to skip it.
+            mixed_alpha: hybrid mixing weight of the mixup pass.
+
+        Returns:
+            ``logits`` (P, 1 + K): InfoNCE logits (positive first, already divided by the temperature, float32);
+            ``student``, ``teacher``, ``hybrid``: (P, 1, X, Y, Z) reconstructions; with ``mixed`` also
+            ``logits_mixup``, ``student_mixup`` and ``hybrid_mixup``.
+        """
+        pairs = images.shape[0] // 2
+        gates = self.attention(codes)
+        student, teacher, keys = self._encode(images[:pairs], images[pairs:])
+        student_gated, teacher_gated = _gate(student, gates[:pairs]), _gate(teacher, gates[pairs:])
+        outputs = {
+            "logits": self._logits(self._embed(self.head, student[-1]), keys),
+            "student": self._reconstruct(student_gated),
+            "teacher": self._reconstruct(teacher_gated),
+            "hybrid": self._reconstruct(_mix(student_gated, teacher_gated, alpha)),
+        }
+        if self.training:
+            self._keys = keys
+        if mixed is not None:
+            student, teacher, mixed_keys = self._encode(mixed[:pairs], mixed[pairs:])
+            student_gated, teacher_gated = _gate(student, gates[:pairs]), _gate(teacher, gates[pairs:])
+            outputs["logits_mixup"] = self._logits(self._embed(self.head, student[-1]), mixed_keys)
+            outputs["student_mixup"] = self._reconstruct(student_gated)
+            outputs["hybrid_mixup"] = self._reconstruct(_mix(student_gated, teacher_gated, mixed_alpha))
+        return outputs
+
+    def _encode(self, queries: Tensor, keys: Tensor) -> tuple[list[Tensor], list[Tensor], Tensor]:
+        """Student features of `queries`, teacher features of `keys` and the teacher's key embeddings (P, D)."""
+        student = self.backbone.encode(queries)
+        with torch.no_grad():
+            teacher = self.teacher.encode(keys)
+            embeddings = self._embed(self.teacher_head, teacher[-1])
+        return student, teacher, embeddings
+
+    @staticmethod
+    def _embed(head: nn.Module, bottleneck: Tensor) -> Tensor:
+        """(B, C, X, Y, Z) bottleneck -> global average pool -> MLP -> (B, D) float32 unit vectors."""
+        return F.normalize(head(bottleneck.mean(dim=(2, 3, 4))).float(), dim=1)
+
+    def _logits(self, queries: Tensor, keys: Tensor) -> Tensor:
+        """(P, D) queries and their positive keys -> (P, 1 + K) logits against [key, queue]."""
+        # float32 even under AMP: autocast would run the matmul in half precision, coarse for cosines / 0.2.
+        with torch.autocast(queries.device.type, enabled=False):
+            positive = (queries * keys).sum(dim=1, keepdim=True)
+            negative = queries @ self.queue.clone().T  # a copy, so a later enqueue cannot touch the autograd graph
+            return torch.cat([positive, negative], dim=1) / self.temperature
+
+    def _reconstruct(self, features: list[Tensor]) -> Tensor:
+        """Encoder features -> shared decoder (the student's) -> finest level -> 1x1x1 conv: (B, 1, X, Y, Z)."""
+        return self.restoration_head(self.backbone.decode(features)[0])
+
+    @torch.no_grad()
+    def momentum_update(self) -> None:
+        """``teacher = m * teacher + (1 - m) * student`` for the parameters; BatchNorm statistics are copied."""
+        for student, teacher in ((self.backbone, self.teacher), (self.head, self.teacher_head)):
+            # One fused kernel per group instead of one per tensor: this runs after every optimiser step.
+            torch._foreach_lerp_(list(teacher.parameters()), list(student.parameters()), 1.0 - self.momentum)
+            for target, source in zip(teacher.buffers(), student.buffers(), strict=True):
+                target.copy_(source)
+
+    @torch.no_grad()
+    def enqueue(self, keys: Tensor) -> None:
+        """Writes `keys` (B, D) unit vectors over the oldest B rows of the queue (FIFO, wrapping around)."""
+        size = self.queue.shape[0]
+        if keys.shape[0] > size:
+            raise ValueError(f"cannot enqueue {keys.shape[0]} keys into a queue of {size}; raise queue_size.")
+        rows = (self.queue_ptr + torch.arange(keys.shape[0], device=self.queue.device)) % size
+        self.queue.index_copy_(0, rows, keys.to(self.queue.dtype))
+        self.queue_ptr.copy_((self.queue_ptr + keys.shape[0]) % size)
+
+    def step(self) -> None:
+        """After an optimiser step: moves the teacher towards the student, then enqueues the last training forward's
+        keys, once.
+
+        Raises:
+            RuntimeError: when no training forward happened since the last call.
+        """
+        if self._keys is None:
+            raise RuntimeError("PCRLNetwork.step() needs a forward pass in training mode first.")
+        self.momentum_update()
+        self.enqueue(self._keys)
+        self._keys = None
+
+
+class PCRLLoss(nn.Module):
+    """
+    PCRL's loss: mean of the InfoNCE terms + mean of the reconstruction MSEs (1:1, as in the paper).
+
+    InfoNCE is the cross-entropy of each query's logits with the positive (index 0). The detached value of each term
+    of the last call is kept in :attr:`terms` (as in `scripts.losses.HybridLoss`) for logging.
+
+    Args:
+        mixup: whether the input-mixup terms are expected (``infonce_mixup``, ``mse_student_mixup``,
+            ``mse_hybrid_mixup``).
+    """
+
+    def __init__(self, mixup: bool = True) -> None:
+        super().__init__()
+        self.mixup = mixup
+        self.terms: dict[str, Tensor] = {}
+
+    @property
+    def contrastive_names(self) -> list[str]:
+        return ["logits", "logits_mixup"] if self.mixup else ["logits"]
+
+    @property
+    def reconstruction_names(self) -> list[str]:
+        names = ["student", "teacher", "hybrid"]
+        return [*names, "student_mixup", "hybrid_mixup"] if self.mixup else names
+
+    @property
+    def term_names(self) -> list[str]:
+        infonce = [name.replace("logits", "infonce") for name in self.contrastive_names]
+        return infonce + [f"mse_{name}" for name in self.reconstruction_names]
+
+    def forward(self, pred: dict[str, Tensor], target: dict[str, Tensor]) -> Tensor:
+        """
+        Args:
+            pred: as returned by `PCRLNetwork`: ``logits*`` (P, 1 + K) and reconstructions (P, 1, X, Y, Z).
+            target: as built by `PCRLBatch`: the reconstruction targets (P, 1, X, Y, Z), same names.
+
+        Returns:
+            Scalar total loss, float32.
+        """
+        infonce = [self._infonce(pred[name]) for name in self.contrastive_names]
+        mse = [F.mse_loss(pred[name].float(), target[name].float()) for name in self.reconstruction_names]
+        self.terms = {name: term.detach() for name, term in zip(self.term_names, infonce + mse, strict=True)}
+        return torch.stack(infonce).mean() + torch.stack(mse).mean()
+
+    @staticmethod
+    def _infonce(logits: Tensor) -> Tensor:
+        positive = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+        return F.cross_entropy(logits.float(), positive)
+
+
+class PCRLTrainer(SupervisedTrainer):
+    """
+    MONAI's ``SupervisedTrainer`` plus PCRL's per-step update: after each optimiser step (and before any
+    ``ITERATION_COMPLETED`` handler, such as the checkpoint saver), the network's teacher moves towards the student
+    and this step's keys are enqueued, once (`PCRLNetwork.step`). Takes the same arguments; ``network`` must be a
+    `PCRLNetwork` and gradient accumulation is not supported (the update belongs to every optimiser step).
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if self.accumulation_steps != 1:
+            raise ValueError(f"PCRLTrainer needs accumulation_steps=1, got {self.accumulation_steps}.")
+
+    def _iteration(self, engine: SupervisedTrainer, batchdata: dict[str, Tensor]) -> dict:
+        output = super()._iteration(engine, batchdata)
+        engine.network.step()
+        return output
