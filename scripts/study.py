@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import os
 import subprocess
@@ -62,8 +63,10 @@ def bundle_run(run_id: str, configs: list[str], keys: dict[str, str], extra: Seq
     subprocess.run([*cmd, *extra], check=True, stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
 
 
-def run_cell(cell: Cell, root: Path, extra: Sequence[str] = ()) -> dict:
-    """Trains and evaluates one cell (logging to its folder's ``log.txt``) and returns its ``summary.json``."""
+def run_cell(cell: Cell, root: Path, extra: Sequence[str] = (), warmup_epochs: int | None = None) -> dict:
+    """Trains and evaluates one cell (logging to its folder's ``log.txt``) and returns its ``summary.json``.
+
+    ``warmup_epochs`` applies to fine-tuning only: linear evaluation keeps the backbone frozen throughout."""
     folder = cell.folder(root)
     folder.mkdir(parents=True, exist_ok=True)
     keys = {
@@ -73,6 +76,8 @@ def run_cell(cell: Cell, root: Path, extra: Sequence[str] = ()) -> dict:
         "fold": str(cell.fold),
         "pretrained_ckpt": str(cell.checkpoint) if cell.checkpoint else "None",
     }
+    if warmup_epochs is not None and cell.mode == "finetune":
+        keys["warmup_epochs"] = str(warmup_epochs)
     with open(folder / "log.txt", "a") as log:
         try:
             bundle_run("run", CONFIGS[cell.mode], keys, extra, log)
@@ -159,7 +164,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--folds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--output_dir", default="runs/study")
     parser.add_argument("--tracking", choices=["mlflow"], help="log every run, and the table and plot, to MLflow")
+    parser.add_argument(
+        "--warmup_epochs", type=int, help="frozen-backbone epochs of fine-tuning (default: the config's)"
+    )
     args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    if "--warmup_epochs" in extra:
+        parser.error("give --warmup_epochs before '--': after it, it would also unfreeze the linear evaluation runs")
     for path in args.pretrained:
         if not Path(path).is_file():
             parser.exit(1, f"error: pretrained backbone {path} does not exist\n")
@@ -168,7 +178,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     root.mkdir(parents=True, exist_ok=True)
     if args.tracking:
         extra = [*extra, "--tracking", args.tracking]
-    rows = run_study(cells(args.pretrained, args.modes, args.budgets, args.folds), root, extra)
+    runner = None if args.warmup_epochs is None else functools.partial(run_cell, warmup_epochs=args.warmup_epochs)
+    rows = run_study(cells(args.pretrained, args.modes, args.budgets, args.folds), root, extra, runner)
     plot(rows, root / "label_efficiency.png")
     if args.tracking == "mlflow":
         _log_to_mlflow(root, args)

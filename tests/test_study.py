@@ -74,3 +74,20 @@ def test_one_real_cell_trains_and_evaluates_through_the_bundle(tmp_path, monkeyp
     summary = study.run_cell(study.Cell("scratch", None, "finetune", 1, 0), tmp_path / "study", extra)
     assert 0.0 <= summary["mean_dice"] <= 1.0
     assert (tmp_path / "study/scratch/finetune/n1_f0/model.pt").is_file()
+
+
+def test_warm_up_applies_to_fine_tuning_only(tmp_path, monkeypatch):
+    seen = []
+
+    def fake_bundle_run(run_id, configs, keys, extra, log):
+        seen.append((configs, keys.get("warmup_epochs")))
+        out = Path(keys["output_dir"]) / "evaluation"
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "summary.json").write_text(json.dumps({"mean_dice": 0.5}))
+
+    monkeypatch.setattr(study, "bundle_run", fake_bundle_run)
+    study.main(["--budgets", "1", "--folds", "0", "--warmup_epochs", "3", "--output_dir", str(tmp_path)])
+    warmups = {("configs/linear_eval.yaml" in configs, warmup) for configs, warmup in seen}
+    assert warmups == {(False, "3"), (True, None)}
+    with pytest.raises(SystemExit):
+        study.main(["--output_dir", str(tmp_path), "--", "--warmup_epochs", "3"])
