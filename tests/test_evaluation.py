@@ -2,15 +2,14 @@
 
 import csv
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from bundle import monai_bundle_run
 from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 
@@ -139,11 +138,7 @@ def test_summary_skips_undefined_values_and_writes_strict_json(tmp_path):
 
 def run_evaluate(tmp: Path, *extra: str, **keys: str) -> subprocess.CompletedProcess:
     args = {**TINY, "num_folds": "2", "dataset_dir": str(tmp / "data"), "output_dir": str(tmp / "out")}
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "evaluate", "--config_file", str(CONFIGS)]
-    for key, value in {**args, **keys}.items():
-        cmd += [f"--{key}", value]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([*cmd, *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return monai_bundle_run("evaluate", str(CONFIGS), {**args, **keys}, *extra)
 
 
 @pytest.fixture(scope="module")

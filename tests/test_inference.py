@@ -1,10 +1,7 @@
 """configs/inference.json: masks on the input's grid, monai.bundle.load, verify_net_in_out, TorchScript."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import jsonschema
@@ -12,6 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from bundle import monai_bundle_run
 from monai.bundle import ConfigParser, verify_net_in_out
 
 from scripts.segmentation import segmentation_network
@@ -87,12 +85,8 @@ def images(tmp_path_factory):
 
 def test_bundle_run_writes_masks_with_the_input_shape_and_affine(images):
     tmp, _ = images
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json"]
     keys = {**TINY, "dataset_dir": tmp / "images", "output_dir": tmp / "out", "model_file": tmp / "model.pt"}
-    for key, value in keys.items():
-        cmd += [f"--{key}", str(value).replace(" ", "")]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    result = monai_bundle_run(None, "configs/inference.json", {k: str(v).replace(" ", "") for k, v in keys.items()})
     assert result.returncode == 0, result.stderr[-4000:]
     for name in ("first.nii.gz", "second.nii"):
         source = nib.load(tmp / "images" / name)

@@ -2,14 +2,13 @@
 
 import itertools
 import math
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from bundle import monai_bundle_run
 from ignite.handlers import Checkpoint
 from monai.bundle import ConfigParser
 from test_pretrain_bundle import TINY, write_volumes
@@ -239,11 +238,7 @@ def run_pcrl(tmp: Path, *extra: str, epochs: int) -> subprocess.CompletedProcess
         "models_dir": str(tmp / "models"),
         "epochs": str(epochs),
     }
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "pretrain", "--config_file", CONFIGS]
-    for key, value in args.items():
-        cmd += [f"--{key}", value]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}  # tiny tensors, see one_thread
-    return subprocess.run([*cmd, *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return monai_bundle_run("pretrain", CONFIGS, args, *extra)
 
 
 @pytest.fixture(scope="module")

@@ -1,15 +1,14 @@
 """End to end: `python -m monai.bundle run pretrain` on tiny synthetic volumes, on CPU."""
 
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from bundle import monai_bundle_run
 
 from scripts.networks import FPN3d
 
@@ -39,12 +38,8 @@ def write_volumes(folder: Path, count: int = 2) -> None:
 def run_pretrain(
     tmp: Path, *extra: str, epochs: int = 2, config: str = "configs/pretrain.yaml"
 ) -> subprocess.CompletedProcess:
-    args = {**TINY, "dataset_dir": str(tmp / "data"), "output_dir": str(tmp / "out"), "models_dir": str(tmp / "models")}
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "pretrain", "--config_file", config]
-    for key, value in {**args, "epochs": str(epochs)}.items():
-        cmd += [f"--{key}", value]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([*cmd, *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    paths = {"dataset_dir": tmp / "data", "output_dir": tmp / "out", "models_dir": tmp / "models"}
+    return monai_bundle_run("pretrain", config, {**TINY, **paths, "epochs": epochs}, *extra)
 
 
 @pytest.fixture(scope="module")

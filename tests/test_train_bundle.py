@@ -1,14 +1,13 @@
 """End to end: fine-tuning and linear evaluation through `python -m monai.bundle run` on tiny labelled volumes."""
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from bundle import monai_bundle_run
 
 from scripts.networks import FPN3d
 from scripts.segmentation import segmentation_network
@@ -47,12 +46,8 @@ def write_cases(folder: Path, count: int = 5) -> None:
 
 
 def run_bundle(tmp: Path, *extra: str, config="configs/train.yaml", **keys: str) -> subprocess.CompletedProcess:
-    args = {**TINY, "dataset_dir": str(tmp / "data"), "output_dir": str(tmp / "out"), "models_dir": str(tmp / "models")}
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config]
-    for key, value in {**args, **keys}.items():
-        cmd += [f"--{key}", value]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([*cmd, *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    paths = {"dataset_dir": tmp / "data", "output_dir": tmp / "out", "models_dir": tmp / "models"}
+    return monai_bundle_run(None, config, {**TINY, **paths, **keys}, *extra)
 
 
 @pytest.fixture(scope="module")
