@@ -6,6 +6,7 @@ Linear evaluation trains a head on a frozen backbone; fine-tuning freezes the ba
 
 from collections.abc import Sequence
 
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from ignite.engine import Engine, Events
@@ -14,7 +15,14 @@ from torch import Tensor
 from scripts.import_weights import load_backbone
 from scripts.networks import FPN3d
 
-__all__ = ["LinearFPNHead", "NonLinearFPNHead", "SegmentationNet", "segmentation_network", "BackboneWarmup"]
+__all__ = [
+    "LinearFPNHead",
+    "NonLinearFPNHead",
+    "SegmentationNet",
+    "segmentation_network",
+    "BackboneWarmup",
+    "probabilities_to_labels",
+]
 
 
 def _upsample_to(x: Tensor, like: Tensor) -> Tensor:
@@ -233,3 +241,13 @@ class BackboneWarmup:
             print(f"epochs {epoch}-{last}: backbone frozen (no gradient, BatchNorm in eval mode)")
         else:
             print(f"epoch {epoch}: backbone unfrozen, all parameters train")
+
+
+def probabilities_to_labels(probabilities: Tensor, threshold: float = 0.5) -> Tensor:
+    """
+    Per-class sigmoid probabilities (C, X, Y, Z) -> label map (1, X, Y, Z) in 0..C, same dtype: each voxel gets the most
+    probable class among those above `threshold`, 0 (background) where none is.
+    """
+    # a constant background channel at the threshold in front: argmax then picks it exactly when no class exceeds it
+    background = torch.full_like(probabilities[:1], threshold)
+    return torch.cat([background, probabilities]).argmax(0, keepdim=True).to(probabilities.dtype)

@@ -178,3 +178,13 @@ def test_torchscript_matches_eager(head):
     scripted.train()  # the scripted network keeps the plain nn.Module train()/eval()
     scripted.eval()
     assert not scripted.training and isinstance(net, SegmentationNet)
+
+
+def test_probabilities_to_labels_takes_the_most_probable_class_above_the_threshold():
+    from scripts.segmentation import probabilities_to_labels
+
+    # voxels: none above 0.5; only class 2; both, class 1 higher; both, class 2 higher
+    p = torch.tensor([[0.4, 0.1, 0.9, 0.6], [0.3, 0.7, 0.8, 0.7]]).view(2, 4, 1, 1)
+    labels = probabilities_to_labels(p)
+    assert labels.shape == (1, 4, 1, 1) and labels.dtype == p.dtype
+    assert labels.flatten().tolist() == [0, 2, 1, 2]
