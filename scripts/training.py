@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from ignite.engine import Engine, Events
@@ -14,6 +14,9 @@ from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
 from monai.handlers import MeanDice, from_engine
 from torch import nn
+
+from scripts.distributed import is_main
+from scripts.weights import save_weights
 
 __all__ = [
     "SSLBatch",
@@ -101,10 +104,13 @@ class NonFiniteLossGuard:
         terms = getattr(self.loss, "terms", {})
         detail = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
         last = latest_checkpoint(self.checkpoint_dir)
+        lr = engine.optimizer.param_groups[0]["lr"]
+        # the keys that made a NaN certain (e.g. voxels_per_pair 0) are refused before training (scripts.runs)
         raise FloatingPointError(
             f"Non-finite loss ({float(loss)}; {detail}) at iteration {engine.state.iteration}. Training stopped before "
-            f"the optimiser step. The last good checkpoint is intact: {last or 'none written yet'}. Rerun the same "
-            "command to resume from it, with a lower --learning_rate, or check the input data."
+            f"the optimiser step. The last good checkpoint is intact: {last or 'none written yet'}; rerun the same "
+            "command to resume from it. If it happens again at the same point, look for volumes with extreme or "
+            f"non-finite intensities, or train with a lower --learning_rate (now {lr:g})."
         )
 
 
@@ -121,28 +127,33 @@ class ProgressBar(_IgniteProgressBar):
 
 class ExportBackbone:
     """
-    Saves the backbone's plain ``state_dict`` when training completes: the file downstream workflows load.
+    Saves the backbone's plain ``state_dict`` and its sidecar (``scripts.weights``) when training completes: the files
+    downstream workflows load.
 
     Only on completion: an interrupted or failed run must not overwrite a good earlier export. Use
-    ``python -m scripts.import_weights <full checkpoint> <file>`` to export from an intermediate checkpoint.
+    ``python -m scripts.import_weights <full checkpoint> <file>`` to export from an intermediate checkpoint. Only rank 0
+    writes.
 
     Args:
-        backbone: the module whose weights are exported.
-        path: destination file; written atomically.
+        backbone: the module whose weights are exported; its ``in_channels``, ``base_channels`` and ``num_scales``
+            (an FPN3d's) go into the sidecar.
+        path: destination file; written atomically, with the sidecar ``<path stem>.json``.
+        info: what else the sidecar records: ``modality``, ``patch_size``, ``method``.
     """
 
-    def __init__(self, backbone: nn.Module, path: str) -> None:
+    def __init__(self, backbone: nn.Module, path: str, info: Mapping[str, Any] | None = None) -> None:
         self.backbone = backbone
         self.path = Path(path)
+        self.info = dict(info or {})
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        partial = self.path.with_suffix(".partial")
-        torch.save(self.backbone.state_dict(), partial)
-        os.replace(partial, self.path)
+        if not is_main():
+            return
+        architecture = {k: getattr(self.backbone, k, None) for k in ("in_channels", "base_channels", "num_scales")}
+        save_weights(self.backbone.state_dict(), self.path, {"kind": "backbone", **architecture, **self.info})
         print(f"Exported the pretrained backbone to {self.path}")  # the engine logger is silent in bundle runs
 
 

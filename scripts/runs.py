@@ -1,0 +1,389 @@
+"""One pretraining run per output folder: key checks, run identity, a lock, atomic full-state checkpoints and resume.
+
+A run is defined by its identity: the config keys that change what it learns (method, data, network, loss,
+augmentations, optimiser, seed, ``epoch_length``; not ``epochs``, ``num_workers`` or paths of outputs). The identity is
+written to ``<output_dir>/run.json`` and into every checkpoint, and a run resumes only checkpoints of an equal identity,
+so a changed key never continues, or crashes inside, another run's state. Layout of ``<output_dir>``::
+
+    run.json                            the identity of the run whose checkpoints are in checkpoints/
+    run.lock                            held (flock) by the process running in this folder; its PID inside
+    checkpoints/checkpoint_iteration=N.pt  full state, the newest two kept
+    checkpoints_old/                    the previous run's checkpoints and run.json, set aside by --resume False
+
+MONAI's ``CheckpointSaver`` (ignite's ``Checkpoint``) deletes the older file before it writes the new one, and writes in
+place, so a crash or a full disk during a save loses every checkpoint: :class:`CheckpointSaver` writes to a temporary
+name, renames, and deletes older files only then. Checkpoints also hold the global random states (torch, numpy, python)
+and the identity, which MONAI's handlers cannot add.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+from ignite.handlers import Checkpoint
+
+from scripts.distributed import is_main
+from scripts.errors import BundleError
+
+__all__ = [
+    "check_keys",
+    "resolved",
+    "checkpoints",
+    "rng_states",
+    "set_rng_states",
+    "RunLock",
+    "RunFolder",
+    "CheckpointSaver",
+    "CheckpointLoader",
+]
+
+_CHECKPOINT = re.compile(r"checkpoint_iteration=(\d+)\.pt")
+_POSITIVE = (
+    "pairs_per_volume",
+    "voxels_per_pair",
+    "volumes_per_batch",
+    "epoch_length",
+    "epochs",
+    "checkpoint_interval",
+)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_keys(keys: Mapping[str, Any]) -> None:
+    """Checks the pretraining keys present in ``keys`` before any work, naming key, value and remedy.
+
+    Checked: ``patch_size`` (3 positive integers), the counts in ``_POSITIVE`` (integers >= 1), ``modality`` (a preset
+    of ``scripts.data.PRESETS``), ``augmentations`` (what ``build_augmentation`` accepts with this modality) and
+    ``output_dir`` (a folder that can be created and written).
+
+    Raises:
+        BundleError: at the first bad key.
+    """
+    from scripts import augmentations, data  # here, not at import: both import MONAI's transforms
+
+    if "patch_size" in keys:
+        size = keys["patch_size"]
+        if not (isinstance(size, (list, tuple)) and len(size) == 3 and all(_is_int(s) and s > 0 for s in size)):
+            raise BundleError(
+                f"patch_size={size!r} must be 3 positive integers (voxels along x, y, z), e.g. --patch_size "
+                '"[128,128,32]".'
+            )
+    for key in _POSITIVE:
+        if key in keys and not (_is_int(keys[key]) and keys[key] >= 1):
+            raise BundleError(f"{key}={keys[key]!r} must be an integer >= 1: set --{key} to 1 or more.")
+    if "modality" in keys and keys["modality"] not in data.PRESETS:
+        presets = sorted(data.PRESETS)
+        raise BundleError(f"modality={keys['modality']!r} is not a preset: use --modality one of {presets}.")
+    if "augmentations" in keys:
+        try:
+            augmentations.build_augmentation(keys["augmentations"], keys.get("modality"))
+        except ValueError as err:
+            raise BundleError(str(err)) from err
+    if "output_dir" in keys:
+        folder = Path(keys["output_dir"])
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as err:
+            raise BundleError(
+                f"output_dir={str(folder)!r} cannot be written ({err.strerror}): give a folder you can write to with "
+                "--output_dir."
+            ) from err
+
+
+def resolved(path: str | os.PathLike | None) -> str | None:
+    """``path`` made absolute (None stays None): ``data`` and ``./data`` name the same dataset in an identity."""
+    return None if path is None else str(Path(path).resolve())
+
+
+def checkpoints(folder: str | os.PathLike) -> list[Path]:
+    """The full-state checkpoints ``checkpoint_iteration=N.pt`` in ``folder``, newest (highest N) first."""
+    found = [(int(m.group(1)), p) for p in Path(folder).glob("*.pt") if (m := _CHECKPOINT.fullmatch(p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def rng_states() -> dict[str, Any]:
+    """The global random states (torch CPU and CUDA, numpy, python) as tensors and plain types (weights-only)."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    states = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "has_gauss": has_gauss, "gauss": gauss},
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: Mapping[str, Any]) -> None:
+    """Restores what :func:`rng_states` returned (CUDA states only where this machine has the same GPU count)."""
+    torch.set_rng_state(states["torch"])
+    numpy = states["numpy"]
+    keys = numpy["keys"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, numpy["pos"], numpy["has_gauss"], numpy["gauss"]))
+    random.setstate(states["python"])
+    cuda = states.get("cuda")
+    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+class RunLock:
+    """
+    An exclusive lock on an output folder: ``flock`` on ``<output_dir>/run.lock``, which holds the holder's PID.
+
+    The kernel drops the lock when the holder exits, however it ends, so a lock file left by a killed run (a dead PID)
+    is simply taken over; the file is never deleted, because deleting a lock file races with a process opening it.
+    """
+
+    _held: ClassVar[dict[Path, int]] = {}  # descriptors of the locks this process holds: closing one releases it
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path).resolve()
+
+    def acquire(self) -> None:
+        """Takes the lock for the life of this process (again: nothing to do).
+
+        Raises:
+            BundleError: naming the holder's PID when another process holds it.
+        """
+        if self.path in self._held:
+            return
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise BundleError(
+                f"{self.path.parent} is in use by another run (PID {holder}; lock file {self.path}): wait for it to "
+                "end or stop it, or run this one in its own folder with --output_dir <new folder>."
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._held[self.path] = fd
+
+
+def _jsonable(value: Any) -> Any:
+    """``value`` as it reads back from JSON (tuples become lists), so identities compare equal after a round trip."""
+    return json.loads(json.dumps(value))
+
+
+def _differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    missing = object()
+    keys = [*new, *(k for k in old if k not in new)]
+
+    def show(value: Any) -> str:
+        return "absent" if value is missing else json.dumps(value)
+
+    return [
+        f"{k} is {show(old.get(k, missing))} there and {show(new.get(k, missing))} now"
+        for k in keys
+        if old.get(k, missing) != new.get(k, missing)
+    ]
+
+
+class RunFolder:
+    """
+    The output folder of one pretraining run: lock, identity, and which checkpoint (if any) the run resumes.
+
+    :meth:`start` runs first in the workflow (``initialize``), before any data or network work: it takes the lock, then
+    - with ``resume``: loads the newest checkpoint that loads (a newer one that fails is reported by name, renamed
+      ``<name>.corrupt`` and skipped) and refuses to continue when its identity differs from this run's, naming each
+      differing key with both values and the two ways out, or when ``epochs`` is shorter than what it already ran;
+    - without: moves the checkpoints and ``run.json`` of an earlier run to ``checkpoints_old/`` (replacing what was
+      there), so that a later plain rerun cannot resume the earlier run;
+    and writes ``run.json``. Only rank 0 takes the lock and writes; every rank loads the checkpoint.
+
+    Args:
+        output_dir: the run's folder.
+        identity: the keys that define the run (JSON-serialisable values).
+        resume: continue from the newest checkpoint in ``checkpoint_dir``, if any.
+        epochs: the run's length, to refuse a checkpoint that already ran further.
+        checkpoint_dir: where the checkpoints are; default ``<output_dir>/checkpoints``.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        identity: Mapping[str, Any],
+        resume: bool = True,
+        epochs: int | None = None,
+        checkpoint_dir: str | os.PathLike | None = None,
+    ) -> None:
+        self.output_dir = Path(output_dir)
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else self.output_dir / "checkpoints"
+        self.identity = _jsonable(dict(identity))
+        self.resume = resume
+        self.epochs = epochs
+        self.resume_path: Path | None = None
+        self.resume_state: dict[str, Any] | None = None  # loaded here, applied by CheckpointLoader at STARTED
+
+    def start(self) -> None:
+        """Lock, set aside or check the earlier run, write ``run.json`` (see the class docstring)."""
+        if is_main():
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            RunLock(self.output_dir / "run.lock").acquire()
+            for partial in self.checkpoint_dir.glob("*.partial"):  # left by a save that was killed
+                partial.unlink()
+        if self.resume:
+            self._load_newest()
+        elif is_main():
+            self._set_aside()
+        if is_main():
+            target = self.output_dir / "run.json"
+            target.with_name("run.json.partial").write_text(json.dumps(self.identity, indent=2) + "\n")
+            os.replace(target.with_name("run.json.partial"), target)
+
+    def _set_aside(self) -> None:
+        found = checkpoints(self.checkpoint_dir)
+        if not found:
+            return
+        old = self.output_dir / "checkpoints_old"
+        shutil.rmtree(old, ignore_errors=True)
+        old.mkdir()
+        for path in found:
+            os.replace(path, old / path.name)
+        if (self.output_dir / "run.json").is_file():
+            os.replace(self.output_dir / "run.json", old / "run.json")
+        print(f"--resume False: the previous run's {len(found)} checkpoint(s) were moved to {old}; starting afresh.")
+
+    def _load_newest(self) -> None:
+        for path in checkpoints(self.checkpoint_dir):
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as err:  # torch raises several types (zip, pickle, EOF) for a truncated or corrupt file
+                if is_main():
+                    os.replace(path, path.with_name(path.name + ".corrupt"))
+                warnings.warn(
+                    f"Checkpoint {path} cannot be loaded ({err}); renamed to {path.name}.corrupt, trying the next "
+                    "older checkpoint.",
+                    stacklevel=2,
+                )
+                continue
+            self._check(path, state)
+            self.resume_path, self.resume_state = path, state
+            print(f"Resuming from {path} (iteration {state['trainer']['iteration']})")
+            return
+
+    def _check(self, path: Path, state: Mapping[str, Any]) -> None:
+        ways_out = (
+            "Run this one in its own folder with --output_dir <new folder>, or start afresh here with --resume False "
+            f"(the old checkpoints are then moved to {self.output_dir / 'checkpoints_old'})."
+        )
+        if "run" not in state:
+            raise BundleError(
+                f"{self.output_dir} holds checkpoints without a run identity ({path.name}, written by an earlier "
+                f"version of this bundle), so it cannot tell whether they belong to this run. {ways_out}"
+            )
+        differences = _differences(state["run"], self.identity)
+        if differences:
+            raise BundleError(
+                f"{self.output_dir} holds checkpoints of another run ({path.name}): {'; '.join(differences)}. "
+                + ways_out
+            )
+        trainer = state["trainer"]
+        if self.epochs is not None and trainer["iteration"] > self.epochs * trainer["epoch_length"]:
+            done = trainer["iteration"] / trainer["epoch_length"]
+            raise BundleError(
+                f"epochs={self.epochs} is shorter than the {done:g} epochs {path.name} has already run: give --epochs "
+                f"{int(np.ceil(done))} or more to continue it, or --resume False to start afresh."
+            )
+
+
+class CheckpointSaver:
+    """
+    Writes full-state checkpoints ``checkpoint_iteration=N.pt`` every ``save_interval`` iterations and at completion.
+
+    Each holds ``save_dict``'s state dicts, the global random states (``rng``) and the run identity (``run``). A save
+    goes to ``<name>.partial``, is flushed to disk, renamed over ``<name>`` (atomic), and only then are all but the
+    newest ``n_saved`` checkpoints deleted: a crash or a full disk at any moment leaves the previous checkpoint whole.
+    Only rank 0 writes.
+
+    Args:
+        run: the run's folder (checkpoint folder and identity).
+        save_dict: objects with ``state_dict()``: ``network``, ``optimizer``, ``trainer`` (and e.g. ``lr_scheduler``).
+        save_interval: iterations between checkpoints.
+        n_saved: checkpoints kept; 2, so that a newest one that fails to load has an older one to fall back on.
+    """
+
+    def __init__(self, run: RunFolder, save_dict: Mapping[str, Any], save_interval: int, n_saved: int = 2) -> None:
+        self.run = run
+        self.save_dict = save_dict
+        self.save_interval = save_interval
+        self.n_saved = n_saved
+        self._saved_iteration: int | None = None
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.save_interval), self)
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        if not is_main() or engine.state.iteration == self._saved_iteration:  # COMPLETED just after an interval save
+            return
+        folder = self.run.checkpoint_dir
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"checkpoint_iteration={engine.state.iteration}.pt"
+        state = {key: obj.state_dict() for key, obj in self.save_dict.items()}
+        state.update(rng=rng_states(), run=self.run.identity)
+        partial = path.with_name(path.name + ".partial")
+        try:
+            with open(partial, "wb") as file:
+                torch.save(state, file)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(partial, path)
+        except OSError as err:
+            partial.unlink(missing_ok=True)
+            raise BundleError(
+                f"Cannot write checkpoint {path} ({err}). The earlier checkpoints in {folder} are intact: free space "
+                "and rerun the same command to resume."
+            ) from err
+        self._saved_iteration = engine.state.iteration
+        for old in checkpoints(folder)[self.n_saved :]:
+            old.unlink(missing_ok=True)
+
+
+class CheckpointLoader:
+    """
+    Applies the checkpoint that :meth:`RunFolder.start` chose (if any) when the trainer starts: the state dicts of
+    ``load_dict``, then the global random states. The configured ``epochs`` win over the checkpoint's, so a larger
+    ``--epochs`` extends a finished run.
+
+    Args:
+        run: the run's folder, started.
+        load_dict: objects with ``load_state_dict()``, keyed as in the checkpoint.
+    """
+
+    def __init__(self, run: RunFolder, load_dict: Mapping[str, Any]) -> None:
+        self.run = run
+        self.load_dict = load_dict
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        state, self.run.resume_state = self.run.resume_state, None  # free the memory once applied
+        if state is None:
+            return
+        max_epochs = engine.state.max_epochs
+        Checkpoint.load_objects(to_load=dict(self.load_dict), checkpoint=state)
+        engine.state.max_epochs = max_epochs
+        if "rng" in state:
+            set_rng_states(state["rng"])

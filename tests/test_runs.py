@@ -1,0 +1,219 @@
+"""One run per output folder: key checks, run identity, lock, atomic checkpoints and resume (scripts/runs.py)."""
+
+import os
+import random
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from bundle import ROOT
+from ignite.engine import Engine, Events
+from test_pretrain_bundle import TINY, run_pretrain, write_volumes
+from torch import nn
+
+from scripts.runs import CheckpointLoader, CheckpointSaver, RunFolder, checkpoints
+
+# Runs the bundle like `python -m monai.bundle`, with a torch.save that dies halfway through writing the checkpoint of
+# iteration 6: half the bytes reach the file, then SIGKILL, as a crash, kill or full disk would leave it.
+KILL_DURING_SAVE = """
+import io, os, runpy, signal, sys, torch
+real_save = torch.save
+def save(obj, f, *args, **kwargs):
+    if "checkpoint_iteration=6.pt" in str(getattr(f, "name", f)):
+        buffer = io.BytesIO()
+        real_save(obj, buffer, *args, **kwargs)
+        file = open(f, "wb") if isinstance(f, (str, os.PathLike)) else f
+        file.write(buffer.getvalue()[: buffer.tell() // 2])
+        file.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_save(obj, f, *args, **kwargs)
+torch.save = save
+sys.argv = ["monai.bundle", *sys.argv[1:]]
+runpy.run_module("monai.bundle", run_name="__main__", alter_sys=True)
+"""
+
+
+def names(folder):
+    return sorted(p.name for p in checkpoints(folder))
+
+
+def last_line(result: subprocess.CompletedProcess) -> str:
+    return result.stderr.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A finished 2-epoch DHR run (6 iterations) that checkpoints every 4 iterations."""
+    tmp = tmp_path_factory.mktemp("runs")
+    write_volumes(tmp / "data")
+    result = run_pretrain(tmp, "--checkpoint_interval", "4", epochs=2)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return tmp
+
+
+def test_final_iteration_is_checkpointed_with_identity_and_random_states(base):
+    assert names(base / "out/checkpoints") == ["checkpoint_iteration=4.pt", "checkpoint_iteration=6.pt"]
+    checkpoint = torch.load(base / "out/checkpoints/checkpoint_iteration=6.pt", weights_only=True)
+    assert checkpoint["trainer"]["iteration"] == 6
+    identity = checkpoint["run"]
+    assert identity == __import__("json").loads((base / "out/run.json").read_text())
+    assert identity["method"] == "dhr" and identity["patch_size"] == [16, 16, 8] and identity["epoch_length"] == 3
+    assert "epochs" not in identity and "num_workers" not in identity
+    assert {"torch", "numpy", "python"} <= checkpoint["rng"].keys()
+
+
+def test_backbone_and_sidecar_are_written_with_the_run(base):
+    from scripts.weights import read_info
+
+    info = read_info(base / "out/pretrained_backbone.pt")
+    assert info == {
+        "kind": "backbone",
+        "in_channels": 1,
+        "base_channels": 4,
+        "num_scales": 3,
+        "modality": "mri",
+        "patch_size": [16, 16, 8],
+        "method": "dhr",
+    }
+    assert not (base / "models").exists()
+
+
+@pytest.mark.parametrize(
+    "key, value, named",
+    [
+        ("epoch_length", "4", "epoch_length is 3 there and 4 now"),
+        ("augmentations", "vox2vec", 'augmentations is "local" there and "vox2vec" now'),
+    ],
+)
+def test_a_run_with_other_keys_is_refused_naming_them(base, key, value, named):
+    before = {p.name: p.stat().st_mtime_ns for p in checkpoints(base / "out/checkpoints")}
+    result = run_pretrain(base, f"--{key}", value, epochs=3)
+    assert result.returncode != 0
+    line = last_line(result)
+    assert line.startswith("error: ") and named in line and "--output_dir" in line and "--resume False" in line, line
+    assert {p.name: p.stat().st_mtime_ns for p in checkpoints(base / "out/checkpoints")} == before
+
+
+def test_resume_false_sets_the_old_run_aside(base, tmp_path):
+    shutil.copytree(base / "data", tmp_path / "data")
+    shutil.copytree(base / "out", tmp_path / "out")
+    fresh = run_pretrain(tmp_path, "--resume", "False", epochs=1)
+    assert fresh.returncode == 0, fresh.stderr[-4000:]
+    assert "Resuming" not in fresh.stdout
+    assert names(tmp_path / "out/checkpoints") == ["checkpoint_iteration=3.pt"]
+    assert names(tmp_path / "out/checkpoints_old") == ["checkpoint_iteration=4.pt", "checkpoint_iteration=6.pt"]
+    assert (tmp_path / "out/checkpoints_old/run.json").is_file()
+    rerun = run_pretrain(tmp_path, epochs=1)
+    assert rerun.returncode == 0, rerun.stderr[-4000:]
+    assert "checkpoint_iteration=3.pt (iteration 3)" in rerun.stdout, rerun.stdout[-2000:]
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [("patch_size", "[16,16]"), ("pairs_per_volume", "0"), ("voxels_per_pair", "0"), ("epoch_length", "0")],
+)
+def test_a_bad_key_ends_stderr_with_a_line_naming_it(base, tmp_path, key, value):
+    keys = {**TINY, "dataset_dir": base / "data", "output_dir": tmp_path / "out", "epochs": 1, key: value}
+    from bundle import monai_bundle_run
+
+    result = monai_bundle_run("pretrain", "configs/pretrain.yaml", keys)
+    assert result.returncode != 0
+    assert last_line(result).startswith(f"error: {key}="), result.stderr[-2000:]
+
+
+def test_an_output_dir_that_cannot_be_written_is_named(base, tmp_path):
+    (tmp_path / "file").write_text("")
+    keys = {**TINY, "dataset_dir": base / "data", "output_dir": tmp_path / "file/out", "epochs": 1}
+    from bundle import monai_bundle_run
+
+    result = monai_bundle_run("pretrain", "configs/pretrain.yaml", keys)
+    assert result.returncode != 0
+    assert last_line(result).startswith("error: output_dir="), result.stderr[-2000:]
+
+
+def test_a_kill_while_a_checkpoint_is_written_keeps_the_previous_one(tmp_path):
+    write_volumes(tmp_path / "data")
+    keys = {**TINY, "dataset_dir": tmp_path / "data", "output_dir": tmp_path / "out", "epochs": 2}
+    cmd = [sys.executable, "-c", KILL_DURING_SAVE, "run", "pretrain", "--config_file", "configs/pretrain.yaml"]
+    cmd += [item for key, value in keys.items() for item in (f"--{key}", str(value))]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    killed = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -9, killed.stderr[-4000:]
+    folder = tmp_path / "out/checkpoints"
+    assert names(folder) == ["checkpoint_iteration=3.pt"], os.listdir(folder)
+    assert (folder / "checkpoint_iteration=6.pt.partial").is_file(), "the save was not interrupted"
+    assert torch.load(folder / "checkpoint_iteration=3.pt", weights_only=True)["trainer"]["iteration"] == 3
+
+    rerun = run_pretrain(tmp_path, epochs=2)  # the killed run's lock is taken over
+    assert rerun.returncode == 0, rerun.stderr[-4000:]
+    assert "checkpoint_iteration=3.pt (iteration 3)" in rerun.stdout
+    assert names(folder) == ["checkpoint_iteration=3.pt", "checkpoint_iteration=6.pt"]
+    assert not list(folder.glob("*.partial"))
+
+
+def test_a_second_run_in_the_same_folder_is_refused_naming_the_holder(base, tmp_path):
+    (tmp_path / "out").mkdir()
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from scripts.runs import RunLock; RunLock(sys.argv[1]).acquire(); "
+            "print('locked', flush=True); time.sleep(300)",
+            str(tmp_path / "out/run.lock"),
+        ],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        keys = {**TINY, "dataset_dir": base / "data", "output_dir": tmp_path / "out", "epochs": 1}
+        from bundle import monai_bundle_run
+
+        result = monai_bundle_run("pretrain", "configs/pretrain.yaml", keys)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert result.returncode != 0
+    line = last_line(result)
+    assert f"PID {holder.pid}" in line and "--output_dir" in line, line
+    assert not (tmp_path / "out/checkpoints").exists()
+
+
+def test_checkpoints_restore_random_states_and_fall_back_past_a_corrupt_one(tmp_path):
+    def engine_and_objects():
+        network = nn.Linear(2, 1)
+        optimizer = torch.optim.SGD(network.parameters(), lr=0.1)
+        engine = Engine(lambda e, b: optimizer.step())
+        return engine, {"network": network, "optimizer": optimizer, "trainer": engine}
+
+    identity = {"method": "dhr", "patch_size": (16, 16, 8)}
+    engine, objects = engine_and_objects()
+    run = RunFolder(tmp_path, identity)
+    run.start()
+    CheckpointSaver(run, objects, save_interval=2).attach(engine)
+    states = {}
+    engine.add_event_handler(Events.ITERATION_COMPLETED, lambda e: states.setdefault(e.state.iteration, torch.rand(3)))
+    engine.run(range(3), max_epochs=2)  # 6 iterations: saved at 2, 4 and 6; the newest two kept
+    assert names(tmp_path / "checkpoints") == ["checkpoint_iteration=4.pt", "checkpoint_iteration=6.pt"]
+    newest = tmp_path / "checkpoints/checkpoint_iteration=6.pt"
+    newest.write_bytes(newest.read_bytes()[:100])
+
+    torch.manual_seed(123), np.random.seed(123), random.seed(123)
+    resumed = RunFolder(tmp_path, identity)
+    with pytest.warns(UserWarning, match="checkpoint_iteration=6.pt cannot be loaded"):
+        resumed.start()
+    assert resumed.resume_path.name == "checkpoint_iteration=4.pt"
+    assert (tmp_path / "checkpoints/checkpoint_iteration=6.pt.corrupt").is_file()
+    engine, objects = engine_and_objects()
+    CheckpointLoader(resumed, objects).attach(engine)
+    draws = []
+    engine.add_event_handler(Events.STARTED, lambda e: draws.append(torch.rand(3)))
+    engine.run(range(3), max_epochs=3)
+    assert engine.state.iteration == 9
+    # the states saved at iteration 4 (before that iteration's draw) are restored: the first draw repeats it
+    torch.testing.assert_close(draws[0], states[4])
