@@ -76,4 +76,4 @@ def test_vox2vec_pretrains_end_to_end_and_logs_only_infonce(tmp_path):
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'out/mlruns.db'}")
     run = client.search_runs([e.experiment_id for e in client.search_experiments()])[0]
     assert "infonce" in run.data.metrics and "restoration" not in run.data.metrics
-    assert (tmp_path / "models/vox2vec_backbone.pt").is_file()
+    assert (tmp_path / "out/pretrained_backbone.pt").is_file()

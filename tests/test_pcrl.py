@@ -283,7 +283,7 @@ def test_resumes_at_the_saved_iteration_and_exports_the_student(runs):
     checkpoint = torch.load(tmp / "out/checkpoints/checkpoint_iteration=9.pt", weights_only=False)
     assert checkpoint["trainer"]["iteration"] == 9
     assert int(checkpoint["network"]["queue_ptr"]) == 9 * 2 % 64
-    exported = torch.load(tmp / "models/pcrl_backbone.pt", weights_only=True)
+    exported = torch.load(tmp / "out/pretrained_backbone.pt", weights_only=True)
     FPN3d(1, 4, 3).load_state_dict(exported, strict=True)
     student = extract_backbone_state(checkpoint)
     assert exported.keys() == student.keys()

@@ -58,7 +58,7 @@ def test_writes_full_state_checkpoint_and_backbone(first_run):
     assert checkpoint["trainer"]["iteration"] == 6
     assert any(k.startswith("projection.projections.") for k in checkpoint["network"])
     backbone = FPN3d(1, 4, 3)
-    backbone.load_state_dict(torch.load(tmp / "models/pretrained_backbone.pt", weights_only=True), strict=True)
+    backbone.load_state_dict(torch.load(tmp / "out/pretrained_backbone.pt", weights_only=True), strict=True)
 
 
 def test_mlflow_records_each_loss_term_in_sqlite(first_run):
