@@ -7,9 +7,11 @@ Usage (from the bundle root)::
         [--study_args "--epochs 50 --dataset_dir /data/labelled"]
 
 Each method is pretrained with its config (``configs/pretrain.yaml`` plus its override file) and the same
-``--pretrain_args`` into ``<output_dir>/pretrain_<method>``, exporting ``<output_dir>/<method>_backbone.pt``; a method
+``--pretrain_args`` into ``<output_dir>/pretrain_<method>``, which exports ``pretrained_backbone.pt`` there; a method
 whose backbone exists is not pretrained again, and an interrupted pretraining resumes. Then every backbone, and training
 from scratch, goes through :mod:`scripts.study` (``<output_dir>/study``): one table and one plot, methods side by side.
+Each backbone brings its own architecture and preprocessing preset (its ``.json`` sidecar, see `scripts.weights`), so
+methods of different sizes compare in one study.
 """
 
 from __future__ import annotations
@@ -34,13 +36,13 @@ METHODS = {
 
 def pretrain(method: str, root: Path, extra: Sequence[str] = ()) -> Path:
     """Pretrains one method (unless its backbone exists) and returns the backbone file."""
-    backbone = root / f"{method}_backbone.pt"
+    folder = root / f"pretrain_{method}"
+    backbone = folder / "pretrained_backbone.pt"  # where pretraining exports it
     if backbone.is_file():
         print(f"done already: {backbone}")
         return backbone
-    folder = root / f"pretrain_{method}"
     folder.mkdir(parents=True, exist_ok=True)
-    keys = {"output_dir": str(folder), "backbone_file": str(backbone), "progress": "False"}
+    keys = {"output_dir": str(folder), "progress": "False"}
     print(f"pretraining {method} into {folder}", flush=True)
     with open(folder / "log.txt", "a") as log:
         try:

@@ -1,25 +1,34 @@
-"""Turns released DHR / vox2vec weights into this bundle's pretrained-backbone file (a plain `FPN3d` state dict).
+"""Turns released DHR / vox2vec weights, or a checkpoint of this bundle, into a pretrained-backbone file: a plain
+`FPN3d` state dict with its ``.json`` sidecar (`scripts.weights`).
 
 Usage::
 
-    python -m scripts.import_weights SRC DST [--base_channels 32] [--num_scales 5]
+    python -m scripts.import_weights SRC DST [--modality ct] [--method vox2vec] [--patch_size 128 128 32]
+        [--base_channels 16] [--num_scales 6]
 
+The architecture is read from SRC's tensor shapes; ``--base_channels``/``--num_scales`` are only checked against it.
 Accepted inputs: a plain `FPN3d` state dict (vox2vec's release), a PyTorch Lightning checkpoint
 ``{"state_dict": ...}`` (DHR's release), keys prefixed ``backbone.`` (a full pretraining checkpoint; the heads are
-dropped), and this bundle's own training checkpoint ``{"network": ...}``. A leading ``module.`` (DataParallel) is
-stripped.
+dropped), this bundle's own training checkpoint ``{"network": ...}``, and a checkpoint folder (its newest
+``checkpoint_iteration=N.pt``, looked for in the folder and in its ``checkpoints/``). A leading ``module.``
+(DataParallel) is stripped. The modality preset, patch size and method come from a bundle checkpoint's run identity
+(an ``identity`` or ``run`` entry) when it has one, else from the options; what neither tells is recorded as null.
 """
 
 import argparse
-from collections.abc import Mapping
+import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from scripts.errors import BundleError
 from scripts.networks import FPN3d
+from scripts.training import latest_checkpoint
+from scripts.weights import infer_info, matches, save_weights
 
-__all__ = ["extract_backbone_state", "load_backbone", "main"]
+__all__ = ["extract_backbone_state", "load_backbone", "checkpoint_file", "import_backbone", "main"]
 
 _FPN_MODULES = {"first_conv", "left_blocks", "down_blocks", "bottom_block", "up_blocks", "skip_blocks", "right_blocks"}
 
@@ -48,12 +57,12 @@ def extract_backbone_state(checkpoint: Mapping) -> dict[str, Tensor]:
     return state
 
 
-def load_backbone(path: str, backbone: FPN3d) -> FPN3d:
-    """Loads the backbone weights held by the checkpoint at `path` into `backbone` (strictly) and returns it.
+def _read_checkpoint(path: str | os.PathLike) -> Mapping:
+    """The dictionary saved at ``path`` (weights only).
 
     Raises:
-        FileNotFoundError: when `path` does not exist.
-        ValueError: naming `path`, when the file holds no `FPN3d` weights or they do not fit `backbone`.
+        FileNotFoundError: when ``path`` does not exist.
+        ValueError: naming ``path``, when it is not a readable PyTorch file holding a dictionary.
     """
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: no such file")
@@ -63,10 +72,24 @@ def load_backbone(path: str, backbone: FPN3d) -> FPN3d:
         raise ValueError(f"{path}: cannot be read as a weights-only PyTorch checkpoint ({err})") from err
     if not isinstance(checkpoint, Mapping):
         raise ValueError(f"{path}: expected a state dict or a checkpoint dictionary, got {type(checkpoint).__name__}")
+    return checkpoint
+
+
+def _backbone_state(path: str | os.PathLike, checkpoint: Mapping) -> dict[str, Tensor]:
     try:
-        state = extract_backbone_state(checkpoint)
+        return extract_backbone_state(checkpoint)
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from err
+
+
+def load_backbone(path: str, backbone: FPN3d) -> FPN3d:
+    """Loads the backbone weights held by the checkpoint at `path` into `backbone` (strictly) and returns it.
+
+    Raises:
+        FileNotFoundError: when `path` does not exist.
+        ValueError: naming `path`, when the file holds no `FPN3d` weights or they do not fit `backbone`.
+    """
+    state = _backbone_state(path, _read_checkpoint(path))
 
     expected = backbone.state_dict()
     missing = [k for k in expected if k not in state]
@@ -91,27 +114,95 @@ def load_backbone(path: str, backbone: FPN3d) -> FPN3d:
     return backbone
 
 
-def main(argv: list[str] | None = None) -> None:
+def checkpoint_file(src: str | os.PathLike) -> Path:
+    """``src`` itself if it is a file; for a folder, its newest ``checkpoint_iteration=N.pt``, or that of its
+    ``checkpoints/`` subfolder (a pretraining run's output folder).
+
+    Raises:
+        BundleError: naming ``src``, when it does not exist or the folder holds no checkpoint.
+    """
+    src = Path(src)
+    if src.is_file():
+        return src
+    if not src.is_dir():
+        raise BundleError(f"{src} does not exist: give a weight file or a checkpoint folder")
+    found = latest_checkpoint(str(src)) or latest_checkpoint(str(src / "checkpoints"))
+    if found is None:
+        raise BundleError(f"{src} holds no checkpoint_iteration=N.pt (nor does {src / 'checkpoints'})")
+    return Path(found)
+
+
+def _run_identity(checkpoint: Mapping) -> dict:
+    """Modality preset, patch size and method recorded in a bundle checkpoint's ``identity`` or ``run`` entry."""
+    for entry in ("identity", "run"):
+        identity = checkpoint.get(entry)
+        if isinstance(identity, Mapping):
+            return {k: identity[k] for k in ("modality", "patch_size", "method") if identity.get(k) is not None}
+    return {}
+
+
+def import_backbone(src: str | os.PathLike, dst: str | os.PathLike, **given) -> dict:
+    """Writes the backbone held by ``src`` (any form of the module docstring) to ``dst`` with its sidecar; returns the
+    sidecar's content.
+
+    Args:
+        src: weight file, checkpoint or checkpoint folder.
+        dst: the plain `FPN3d` state dict to write.
+        given: ``base_channels``, ``num_scales`` (checked against the file), ``modality``, ``patch_size``, ``method``
+            (checked against a run identity in the file, else recorded); None for not given.
+
+    Raises:
+        BundleError: when ``src`` holds no readable backbone or contradicts a given value (both values named).
+    """
+    path = checkpoint_file(src)
+    try:
+        checkpoint = _read_checkpoint(path)
+        state = _backbone_state(path, checkpoint)
+    except (FileNotFoundError, ValueError) as err:
+        raise BundleError(str(err)) from err
+    recorded = {**infer_info(state), **_run_identity(checkpoint)}
+    for key, value in given.items():
+        if value is None or recorded.get(key) is None:
+            continue
+        if not matches(value, recorded[key]):
+            raise BundleError(
+                f"--{key} {value!r} contradicts {path}, whose weights have {key} {recorded[key]!r}: leave out --{key}"
+            )
+    info = {"kind": "backbone", **{k: None for k in ("modality", "patch_size", "method")}}
+    info |= {k: v for k, v in given.items() if v is not None} | recorded
+    if info["patch_size"] is not None:
+        info["patch_size"] = list(info["patch_size"])
+    backbone = FPN3d(info["in_channels"], info["base_channels"], info["num_scales"])
+    backbone.load_state_dict(state, strict=True)  # every tensor, shapes as inferred: a broken file fails here
+    save_weights(backbone.state_dict(), dst, info)
+    return info
+
+
+def main(argv: Sequence[str] | None = None) -> None:
     """Command line entry point; exits with status 1 and a one-line message on a missing or unfitting file."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("src", help="released weights or checkpoint (.pt / .ckpt)")
-    parser.add_argument("dst", help="output file: the plain FPN3d state dict")
-    parser.add_argument("--base_channels", type=int, default=32, help="32 for DHR, 16 for vox2vec")
-    parser.add_argument("--num_scales", type=int, default=5, help="5 for DHR, 6 for vox2vec")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("src", help="released weights, a checkpoint (.pt / .ckpt) or a checkpoint folder")
+    parser.add_argument("dst", help="output file: the plain FPN3d state dict, beside it its .json sidecar")
+    parser.add_argument("--base_channels", type=int, help="checked against the file (DHR 32, vox2vec 16)")
+    parser.add_argument("--num_scales", type=int, help="checked against the file (DHR 5, vox2vec 6)")
+    parser.add_argument("--modality", choices=["ct", "ct_wide", "mri"], help="preset the weights were pretrained with")
+    parser.add_argument("--patch_size", type=int, nargs=3, help="pretraining patch size in voxels")
+    parser.add_argument("--method", choices=["dhr", "vox2vec", "pcrl"], help="pretraining method")
     args = parser.parse_args(argv)
 
     try:
-        backbone = load_backbone(args.src, FPN3d(1, args.base_channels, args.num_scales))
-    except (FileNotFoundError, ValueError) as err:
+        info = import_backbone(args.src, args.dst, **{k: v for k, v in vars(args).items() if k not in ("src", "dst")})
+    except BundleError as err:
         parser.exit(1, f"error: {err}\n")
-    state = backbone.state_dict()
-    Path(args.dst).parent.mkdir(parents=True, exist_ok=True)
-    torch.save(state, args.dst)
+    backbone = FPN3d(info["in_channels"], info["base_channels"], info["num_scales"])
     num_parameters = sum(p.numel() for p in backbone.parameters())
     print(
-        f"saved {len(state)} tensors ({num_parameters:,} parameters) of FPN3d(1, {args.base_channels}, "
-        f"{args.num_scales}) from {args.src} to {args.dst}"
+        f"saved {len(backbone.state_dict())} tensors ({num_parameters:,} parameters) of FPN3d({backbone.in_channels}, "
+        f"{backbone.base_channels}, {backbone.num_scales}) from {args.src} to {args.dst}"
     )
+    print(f"described in {Path(args.dst).with_suffix('.json')}: {info}")
 
 
 if __name__ == "__main__":

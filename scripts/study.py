@@ -50,8 +50,11 @@ class Cell:
 
 
 def cells(pretrained: Sequence[str], modes: Sequence[str], budgets: Sequence[int], folds: Sequence[int]) -> list[Cell]:
-    """The study's grid; from-scratch runs are always included as the reference."""
-    inits = [("scratch", None)] + [(Path(p).stem, p) for p in pretrained]
+    """The study's grid; from-scratch runs are always included as the reference. A backbone is named by its file's
+    stem, or by its folder's name when stems repeat (``pretrain_dhr/pretrained_backbone.pt`` -> ``pretrain_dhr``)."""
+    stems = [Path(p).stem for p in pretrained]
+    names = [Path(p).parent.name if stems.count(stem) > 1 else stem for p, stem in zip(pretrained, stems, strict=True)]
+    inits = [("scratch", None)] + list(zip(names, pretrained, strict=True))
     return [Cell(i, c, m, b, f) for i, c in inits for m in modes for b in budgets for f in folds]
 
 

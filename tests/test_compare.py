@@ -1,6 +1,7 @@
 """The method comparison: same pretraining arguments for each method, then one study with all backbones."""
 
 import csv
+from pathlib import Path
 
 from test_study import fake_runner
 
@@ -12,7 +13,7 @@ def test_compare_pretrains_each_method_once_then_studies_all_backbones(tmp_path,
 
     def fake_bundle_run(run_id, configs, keys, extra, log):
         runs.append((run_id, configs, list(extra)))
-        open(keys["backbone_file"], "wb").close()
+        open(Path(keys["output_dir"]) / "pretrained_backbone.pt", "wb").close()
 
     monkeypatch.setattr(study, "bundle_run", fake_bundle_run)
     monkeypatch.setattr(study, "run_cell", fake_runner([]))
@@ -27,7 +28,7 @@ def test_compare_pretrains_each_method_once_then_studies_all_backbones(tmp_path,
     assert all(r[0] == "pretrain" and r[2] == ["--epochs", "7", "--dataset_dir", "/data"] for r in runs)
     with open(tmp_path / "study/results.csv") as f:
         inits = {row["init"] for row in csv.DictReader(f)}
-    assert inits == {"scratch", "dhr_backbone", "vox2vec_backbone", "pcrl_backbone"}
+    assert inits == {"scratch", "pretrain_dhr", "pretrain_vox2vec", "pretrain_pcrl"}
     assert (tmp_path / "study/label_efficiency.png").is_file()
 
     runs.clear()

@@ -179,4 +179,5 @@ def test_evaluate_writes_per_case_csv_summary_overlays_and_logs_to_mlflow(labell
 def test_missing_model_file_stops_with_its_name(labelled):
     result = run_evaluate(labelled, model_file=str(labelled / "nowhere.pt"), output_dir=str(labelled / "missing"))
     assert result.returncode != 0
-    assert "nowhere.pt" in result.stderr and "FileNotFoundError" in result.stderr
+    message = f"error: model_file {labelled / 'nowhere.pt'} does not exist: give the path of an existing weight file"
+    assert result.stderr.strip().splitlines()[-1] == message

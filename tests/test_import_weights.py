@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -5,8 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from scripts.import_weights import extract_backbone_state, load_backbone, main
+from scripts.errors import BundleError
+from scripts.import_weights import extract_backbone_state, import_backbone, load_backbone, main
 from scripts.networks import FPN3d, dhr_network
+from scripts.weights import read_info, sidecar
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -79,23 +82,59 @@ def _cli(*args):
     )
 
 
-def test_cli_round_trip(authors_state, tmp_path):
+def test_cli_infers_the_architecture_without_size_keys(authors_state, tmp_path):
     src, dst = tmp_path / "dhr.ckpt", tmp_path / "models" / "nested" / "backbone.pt"
     torch.save({"state_dict": {**_prefixed("backbone.", authors_state), **HEADS}}, src)
-    result = _cli(src, dst, "--base_channels", 8, "--num_scales", 3)
+    result = _cli(src, dst, "--modality", "ct", "--patch_size", 16, 16, 8)
     assert result.returncode == 0, result.stderr
-    assert "saved 154 tensors (182,592 parameters)" in result.stdout
+    assert "saved 154 tensors (182,592 parameters) of FPN3d(1, 8, 3)" in result.stdout
     saved = torch.load(dst, weights_only=True)
     assert saved.keys() == authors_state.keys()
     assert all(torch.equal(saved[k], v) for k, v in authors_state.items())
+    assert read_info(dst) == {
+        "kind": "backbone",
+        "in_channels": 1,
+        "base_channels": 8,
+        "num_scales": 3,
+        "modality": "ct",
+        "patch_size": [16, 16, 8],
+        "method": None,
+    }
+    assert json.loads(sidecar(dst).read_text()) == read_info(dst), "written as a sidecar, not inferred"
 
 
-def test_cli_reports_user_errors_without_traceback(authors_state, tmp_path, capsys):
+def test_given_size_that_contradicts_the_file_names_both_values(authors_state, tmp_path, capsys):
     src = tmp_path / "dhr.ckpt"
     torch.save(authors_state, src)
     with pytest.raises(SystemExit) as exit_info:
-        main([str(src), str(tmp_path / "out.pt")])  # the defaults 32/5 do not fit an 8/3 network
+        main([str(src), str(tmp_path / "out.pt"), "--base_channels", "32"])
     assert exit_info.value.code == 1
     stderr = capsys.readouterr().err
-    assert stderr.startswith("error: ") and "dhr.ckpt" in stderr and "--base_channels" in stderr
+    assert stderr.startswith("error: --base_channels 32 contradicts ") and "dhr.ckpt" in stderr
+    assert "base_channels 8" in stderr
     assert not (tmp_path / "out.pt").exists()
+
+
+def test_checkpoint_folder_gives_its_newest_checkpoint_and_run_identity(authors_state, tmp_path):
+    folder = tmp_path / "run" / "checkpoints"
+    folder.mkdir(parents=True)
+    identity = {"modality": "ct_wide", "patch_size": [16, 16, 8], "method": "vox2vec", "seed": 0}
+    for iteration in (2, 10):
+        checkpoint = _bundle_checkpoint(
+            {k: v + iteration if v.is_floating_point() else v for k, v in authors_state.items()}
+        )
+        torch.save({**checkpoint, "identity": identity}, folder / f"checkpoint_iteration={iteration}.pt")
+    dst = tmp_path / "backbone.pt"
+    info = import_backbone(tmp_path / "run", dst)  # the run folder: its checkpoints/ subfolder is searched
+    assert info == {"kind": "backbone", "in_channels": 1, "base_channels": 8, "num_scales": 3} | {
+        k: identity[k] for k in ("modality", "patch_size", "method")
+    }
+    saved = torch.load(dst, weights_only=True)
+    assert torch.equal(saved["first_conv.weight"], authors_state["first_conv.weight"] + 10), "the newest checkpoint"
+    with pytest.raises(BundleError, match="--modality 'ct' contradicts .*modality 'ct_wide'"):
+        import_backbone(folder, tmp_path / "other.pt", modality="ct")
+
+
+def test_empty_folder_is_named(tmp_path):
+    with pytest.raises(BundleError, match=f"{tmp_path} holds no checkpoint_iteration=N.pt"):
+        import_backbone(tmp_path, tmp_path / "out.pt")

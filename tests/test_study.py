@@ -70,7 +70,6 @@ def test_one_real_cell_trains_and_evaluates_through_the_bundle(tmp_path, monkeyp
     monkeypatch.setenv("PYTHONPATH", str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     overrides = {**TINY, "epochs": "1", "warmup_epochs": "0", "dataset_dir": str(tmp_path / "data")}
     extra = [item for key, value in overrides.items() for item in (f"--{key}", value)]
-    extra += ["--models_dir", str(tmp_path / "models")]
     summary = study.run_cell(study.Cell("scratch", None, "finetune", 1, 0), tmp_path / "study", extra)
     assert 0.0 <= summary["mean_dice"] <= 1.0
     assert (tmp_path / "study/scratch/finetune/n1_f0/model.pt").is_file()

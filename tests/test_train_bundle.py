@@ -46,7 +46,7 @@ def write_cases(folder: Path, count: int = 5) -> None:
 
 
 def run_bundle(tmp: Path, *extra: str, config="configs/train.yaml", **keys: str) -> subprocess.CompletedProcess:
-    paths = {"dataset_dir": tmp / "data", "output_dir": tmp / "out", "models_dir": tmp / "models"}
+    paths = {"dataset_dir": tmp / "data", "output_dir": tmp / "out"}
     return monai_bundle_run(None, config, {**TINY, **paths, **keys}, *extra)
 
 
@@ -59,9 +59,9 @@ def labelled(tmp_path_factory):
     return tmp
 
 
-def trained_model(tmp: Path, name: str):
+def trained_model(path: Path):
     net = segmentation_network(2, 4, 3)
-    net.load_state_dict(torch.load(tmp / "models" / name, weights_only=True), strict=True)
+    net.load_state_dict(torch.load(path, weights_only=True), strict=True)
     return net
 
 
@@ -74,7 +74,7 @@ def test_fine_tuning_freezes_the_backbone_for_the_warm_up_then_trains_it(labelle
     assert result.returncode == 0, result.stderr[-4000:]
     assert "epochs 1-1: backbone frozen" in result.stdout and "epoch 2: backbone unfrozen" in result.stdout
     pretrained = torch.load(labelled / "backbone.pt", weights_only=True)
-    tuned = trained_model(labelled, "model.pt").backbone.state_dict()
+    tuned = trained_model(labelled / "out/model.pt").backbone.state_dict()
     changed = [k for k in pretrained if not torch.equal(pretrained[k], tuned[k])]
     assert changed, "the backbone trains after the warm-up"
 
@@ -95,7 +95,7 @@ def test_linear_evaluation_leaves_the_backbone_bitwise_unchanged(labelled):
     )
     assert result.returncode == 0, result.stderr[-4000:]
     pretrained = torch.load(labelled / "backbone.pt", weights_only=True)
-    probed = trained_model(labelled, "linear_eval_model.pt")
+    probed = trained_model(labelled / "linear/model.pt")
     for key, value in probed.backbone.state_dict().items():
         assert torch.equal(value, pretrained[key]), key
 

@@ -1,0 +1,93 @@
+"""End to end: a trained model says what it is, so evaluation and inference need none of the training's keys."""
+
+import json
+
+import nibabel as nib
+import pytest
+import torch
+from bundle import monai_bundle_run
+from test_train_bundle import write_cases
+
+from scripts.networks import FPN3d
+from scripts.weights import read_info, sidecar
+
+# Only run-length and data keys: the network and preprocessing keys come from the weights.
+SHORT = {"epochs": "1", "epoch_length": "2", "val_interval": "1", "num_workers": "0", "progress": "False"}
+SPLIT = {"num_folds": "5"}  # a data key: evaluation must pick the same test cases
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A model fine-tuned from an authors'-style vox2vec-shaped backbone (plain FPN3d 4/4, no sidecar), with
+    non-default classes, modality and patch size; FPN3d 4/4 also differs from the defaults 32/5."""
+    tmp = tmp_path_factory.mktemp("weights")
+    write_cases(tmp / "data")
+    torch.manual_seed(0)
+    torch.save(FPN3d(1, 4, 4).state_dict(), tmp / "vox2vec.pt")
+    keys = {"num_classes": "2", "modality": "ct", "patch_size": "[16,16,8]", "volumes_per_batch": "2"}
+    paths = {"dataset_dir": tmp / "data", "output_dir": tmp / "train", "pretrained_ckpt": tmp / "vox2vec.pt"}
+    result = monai_bundle_run(None, "configs/train.yaml", {**SHORT, **SPLIT, **keys, **paths})
+    assert result.returncode == 0, result.stderr[-4000:]
+    return tmp
+
+
+def test_the_model_file_carries_its_description(trained):
+    model = trained / "train/model.pt"
+    assert (
+        json.loads(sidecar(model).read_text())
+        == read_info(model)
+        == {
+            "kind": "segmentation",
+            "in_channels": 1,
+            "base_channels": 4,
+            "num_scales": 4,
+            "modality": "ct",
+            "patch_size": [16, 16, 8],
+            "num_classes": 2,
+            "head": "linear",
+            "method": None,
+            "pretrained_ckpt": str(trained / "vox2vec.pt"),
+        }
+    )
+
+
+def test_evaluate_reads_the_model_file(trained):
+    keys = {"dataset_dir": trained / "data", "output_dir": trained / "train", "num_workers": "0", **SPLIT}
+    result = monai_bundle_run("evaluate", "['configs/train.yaml','configs/evaluate.yaml']", keys)
+    assert result.returncode == 0, result.stderr[-4000:]
+    summary = json.loads((trained / "train/evaluation/summary.json").read_text())
+    assert set(summary["dice_per_class"]) == {"1", "2"}
+
+
+def test_inference_reads_the_model_file(trained):
+    images = trained / "data/imagesTr"
+    keys = {"dataset_dir": images, "output_dir": trained / "masks", "model_file": trained / "train/model.pt"}
+    result = monai_bundle_run(None, "configs/inference.json", {**keys, "num_workers": "0"})
+    assert result.returncode == 0, result.stderr[-4000:]
+    masks = sorted((trained / "masks").glob("*_seg.nii.gz"))
+    assert len(masks) == 5
+    assert nib.load(masks[0]).shape == nib.load(images / "case_0.nii.gz").shape
+
+
+def _last_error_line(result) -> str:
+    assert result.returncode != 0
+    return result.stderr.strip().splitlines()[-1]
+
+
+def test_num_classes_that_contradicts_the_model_file_stops_with_both_values(trained):
+    model = trained / "train/model.pt"
+    keys = {"dataset_dir": trained / "data", "model_file": model, "output_dir": trained / "bad", "num_classes": "3"}
+    result = monai_bundle_run("evaluate", "['configs/train.yaml','configs/evaluate.yaml']", {**keys, **SPLIT})
+    last = _last_error_line(result)
+    assert last.startswith(f"error: --num_classes 3 contradicts model_file {model} (num_classes 2 according to its")
+
+
+def test_a_backbone_given_as_model_file_is_refused(trained):
+    keys = {
+        "dataset_dir": trained / "data/imagesTr",
+        "output_dir": trained / "bad",
+        "model_file": trained / "vox2vec.pt",
+    }
+    last = _last_error_line(monai_bundle_run(None, "configs/inference.json", keys))
+    assert last.startswith(f"error: model_file {trained / 'vox2vec.pt'} is a pretrained backbone")
+    assert "--pretrained_ckpt" in last
