@@ -50,9 +50,10 @@ class LocalAugmentations:
     share one with probability 1 / `PERMUTATION_POOL` (independent argsorts per block cost more than everything else
     together on a CPU). Setting `PERMUTATION_POOL` to 0 draws an independent permutation per block.
 
-    All randomness comes from torch's default generator of the images' device, so `torch.manual_seed` reproduces the
-    output where PyTorch runs deterministically (one CPU thread, or `torch.use_deterministic_algorithms(True)`);
-    otherwise which of several writes to one voxel stays (overlapping blocks or boxes) may vary between runs.
+    All randomness comes from the `generator` passed to the call (default: torch's default generator of the images'
+    device), so the same generator state reproduces the output where PyTorch runs deterministically (one CPU thread,
+    or `torch.use_deterministic_algorithms(True)`); otherwise which of several writes to one voxel stays (overlapping
+    blocks or boxes) may vary between runs.
 
     Args:
         shuffle_prob: probability that a patch gets local pixel shuffling.
@@ -107,10 +108,11 @@ class LocalAugmentations:
         self.inpaint_box_prob = inpaint_box_prob
         self.inpaint_size = (float(low), float(high))
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """
         Args:
             images: (B, 1, X, Y, Z) floating point patches with intensities in [0, 1], on any device.
+            generator: source of every random draw, on the images' device; None: torch's default generator.
 
         Returns:
             a new plain (B, 1, X, Y, Z) tensor of the same dtype and device; `images` is not modified.
@@ -123,18 +125,20 @@ class LocalAugmentations:
         if images.numel() == 0:
             return out
         flat = out.view(batch, -1)
-        self._remap_intensities(images.reshape(batch, -1), flat)
-        self._shuffle_pixels(flat, spatial)
-        self._inpaint(flat, spatial)
+        self._remap_intensities(images.reshape(batch, -1), flat, generator)
+        self._shuffle_pixels(flat, spatial, generator)
+        self._inpaint(flat, spatial, generator)
         return out
 
-    def _remap_intensities(self, images: torch.Tensor, out: torch.Tensor) -> None:
+    def _remap_intensities(
+        self, images: torch.Tensor, out: torch.Tensor, generator: torch.Generator | None = None
+    ) -> None:
         """
         Write the Bezier-remapped `images` (B, N) into `out` (B, N), copying the patches not drawn for the remap.
         """
         batch, voxels = images.shape
         device = images.device
-        drawn = torch.rand(batch, device=device) < self.bezier_prob
+        drawn = torch.rand(batch, device=device, generator=generator) < self.bezier_prob
         skipped = torch.nonzero(~drawn).squeeze(1)
         if skipped.numel() == batch:
             out.copy_(images)
@@ -142,7 +146,7 @@ class LocalAugmentations:
         size = self.LUT_SIZE
         # Half-precision types cannot hold table positions up to LUT_SIZE - 1 exactly: compute those in float32.
         work = torch.promote_types(images.dtype, torch.float32)
-        control = torch.rand(batch, 2, 2, device=device, dtype=torch.float64)
+        control = torch.rand(batch, 2, 2, device=device, dtype=torch.float64, generator=generator)
         values, slopes = self._bezier_tables(control, work)
         table_start = torch.arange(0, batch * size, size, dtype=torch.int32, device=device).unsqueeze(1)
         # On a CPU, strips of voxels (of all patches) keep the temporaries in cache: about 2x faster than one pass
@@ -194,10 +198,12 @@ class LocalAugmentations:
         slopes = torch.diff(values, dim=1, append=values[:, -1:])
         return values.to(dtype).view(-1), slopes.to(dtype).view(-1)
 
-    def _shuffle_pixels(self, out: torch.Tensor, spatial: tuple[int, int, int]) -> None:
+    def _shuffle_pixels(
+        self, out: torch.Tensor, spatial: tuple[int, int, int], generator: torch.Generator | None = None
+    ) -> None:
         """Permute the voxels of random blocks within each drawn patch of `out` (B, N), in place."""
         batch, device = out.shape[0], out.device
-        drawn = torch.nonzero(torch.rand(batch, device=device) < self.shuffle_prob).squeeze(1)
+        drawn = torch.nonzero(torch.rand(batch, device=device, generator=generator) < self.shuffle_prob).squeeze(1)
         count = self.shuffle_blocks
         if drawn.numel() == 0 or count == 0:
             return
@@ -208,7 +214,8 @@ class LocalAugmentations:
         # Flat index of every block's first voxel in the whole (B, N) batch.
         start = (drawn.to(dtype) * out.shape[1]).unsqueeze(1).expand(-1, count).clone()
         for side, size, stride in zip(spatial, block, strides, strict=True):
-            start += torch.randint(0, side - size + 1, (drawn.numel(), count), device=device, dtype=dtype) * stride
+            shape = (drawn.numel(), count)
+            start += torch.randint(0, side - size + 1, shape, device=device, dtype=dtype, generator=generator) * stride
         # Visiting the blocks in memory order makes the gather and scatter below several times faster on a CPU.
         start = start.view(-1).sort().values
         offsets = self._block_offsets(block, strides, device)
@@ -217,7 +224,7 @@ class LocalAugmentations:
         # permutation is uniform. Padding `start` to whole rows of the pool lets one broadcast build the indices.
         pool = self.PERMUTATION_POOL if 0 < self.PERMUTATION_POOL < blocks else blocks
         rows = -(-blocks // pool)
-        permuted = offsets[torch.rand(pool, volume, device=device).argsort(dim=1)].to(dtype)
+        permuted = offsets[torch.rand(pool, volume, device=device, generator=generator).argsort(dim=1)].to(dtype)
         padded = torch.nn.functional.pad(start, (0, rows * pool - blocks))
         source = (padded.view(rows, pool, 1) + permuted).view(-1)[: blocks * volume]
         flat = out.view(-1)
@@ -231,7 +238,11 @@ class LocalAugmentations:
         return (axes[0][:, None, None] + axes[1][None, :, None] + axes[2][None, None, :]).view(-1)
 
     def _sample_boxes(
-        self, batch: int, spatial: tuple[int, int, int], device: torch.device
+        self,
+        batch: int,
+        spatial: tuple[int, int, int],
+        device: torch.device,
+        generator: torch.Generator | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """
         Draw the in-painting boxes.
@@ -240,19 +251,25 @@ class LocalAugmentations:
             start (B, K, 3) and size (B, K, 3) in voxels per axis, and present (B, K) bool, K = `inpaint_max_boxes`.
         """
         count = self.inpaint_max_boxes
-        present = torch.cummin((torch.rand(batch, count, device=device) < self.inpaint_box_prob).int(), dim=1)
+        drawn = torch.rand(batch, count, device=device, generator=generator) < self.inpaint_box_prob
+        present = torch.cummin(drawn.int(), dim=1)
         side = torch.tensor(spatial, device=device)
         low, high = self.inpaint_size
-        fraction = low + (high - low) * torch.rand(batch, count, 3, device=device, dtype=torch.float64)
+        fraction = low + (high - low) * torch.rand(
+            batch, count, 3, device=device, dtype=torch.float64, generator=generator
+        )
         size = torch.minimum((fraction * side).long().clamp_(min=1), side)
-        start = (torch.rand(batch, count, 3, device=device, dtype=torch.float64) * (side - size + 1)).long()
+        start = torch.rand(batch, count, 3, device=device, dtype=torch.float64, generator=generator)
+        start = (start * (side - size + 1)).long()
         return torch.minimum(start, side - size), size, present.values.bool()
 
-    def _inpaint(self, out: torch.Tensor, spatial: tuple[int, int, int]) -> None:
+    def _inpaint(
+        self, out: torch.Tensor, spatial: tuple[int, int, int], generator: torch.Generator | None = None
+    ) -> None:
         """Fill random boxes of every patch of `out` (B, N) with uniform noise, in place."""
         if self.inpaint_max_boxes == 0:
             return
-        start, size, present = self._sample_boxes(out.shape[0], spatial, out.device)
+        start, size, present = self._sample_boxes(out.shape[0], spatial, out.device, generator)
         patch, box = torch.nonzero(present, as_tuple=True)
         if patch.numel() == 0:
             return
@@ -270,7 +287,8 @@ class LocalAugmentations:
         inside = inside[0][:, :, None, None] & inside[1][:, None, :, None] & inside[2][:, None, None, :]
         index = index.masked_select(inside)
         # Overlapping boxes write one voxel more than once; every write is uniform noise, so any one may stay.
-        out.view(-1).index_copy_(0, index, torch.rand(index.numel(), dtype=out.dtype, device=out.device))
+        noise = torch.rand(index.numel(), dtype=out.dtype, device=out.device, generator=generator)
+        out.view(-1).index_copy_(0, index, noise)
 
 
 class _Vox2VecParameters(NamedTuple):
@@ -320,8 +338,8 @@ class Vox2VecAugmentations:
     Data must be preprocessed with the "ct_wide" preset (`scripts.data.PRESETS`) for CT, or "mri". DHR's "ct" preset
     is refused: a cache clipped to [-175, 250] HU cannot be re-windowed to vox2vec's windows.
 
-    All randomness comes from torch's default generator of the images' device, so `torch.manual_seed` reproduces the
-    output.
+    All randomness comes from the `generator` passed to the call (default: torch's default generator of the images'
+    device), so the same generator state reproduces the output.
 
     Args:
         modality: "ct_wide" (CT scaled from [-1350, 1000] HU) or "mri" (intensities in [0, 1], no window).
@@ -414,20 +432,21 @@ class Vox2VecAugmentations:
         span = self.data_range_hu[1] - self.data_range_hu[0]
         self.max_noise_sigma = noise_sigma_hu / span if modality == "ct_wide" else float(mri_noise_sigma)
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """
         Args:
             images: (B, 1, X, Y, Z) floating point patches with intensities in [0, 1], on any device.
+            generator: source of every random draw, on the images' device; None: torch's default generator.
 
         Returns:
             a new plain (B, 1, X, Y, Z) tensor of the same dtype and device; `images` is not modified.
         """
         _check_patches(images)
-        return self._apply(images, self._draw(images.shape[0], images.device))
+        return self._apply(images, self._draw(images.shape[0], images.device, generator), generator)
 
-    def _draw(self, batch: int, device: torch.device) -> _Vox2VecParameters:
+    def _draw(self, batch: int, device: torch.device, generator: torch.Generator | None = None) -> _Vox2VecParameters:
         """Draw every patch's parameters (all of them, whatever is applied, so that one seed gives one draw)."""
-        u = torch.rand(batch, 9, device=device, dtype=torch.float64)
+        u = torch.rand(batch, 9, device=device, dtype=torch.float64, generator=generator)
         filtered, sharpened = u[:, 0] < self.blur_or_sharpen_prob, u[:, 1] < 0.5
         blur_sigma = self._uniform(self.blur_sigma, u[:, 2])
         sigma = torch.where(sharpened, self._uniform(self.sharpen_sigma, u[:, 2]), blur_sigma) * filtered
@@ -451,7 +470,9 @@ class Vox2VecAugmentations:
         """Map uniform draws `u` in [0, 1) to [bounds[0], bounds[1])."""
         return bounds[0] + (bounds[1] - bounds[0]) * u
 
-    def _apply(self, images: torch.Tensor, params: _Vox2VecParameters) -> torch.Tensor:
+    def _apply(
+        self, images: torch.Tensor, params: _Vox2VecParameters, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """Augment (B, 1, X, Y, Z) `images` with the given per-patch parameters into a new tensor of their dtype."""
         # Half-precision inputs are augmented in float32: the filters' sums would lose most of their bits.
         work = torch.promote_types(images.dtype, torch.float32)
@@ -474,7 +495,7 @@ class Vox2VecAugmentations:
         noisy = torch.nonzero(params.noise_sigma > 0).squeeze(1)
         if noisy.numel() > 0:
             sigma = params.noise_sigma[noisy].to(work).view(-1, 1, 1, 1, 1) * scale[noisy]
-            noise = torch.randn((noisy.numel(), *out.shape[1:]), dtype=work, device=out.device)
+            noise = torch.randn((noisy.numel(), *out.shape[1:]), dtype=work, device=out.device, generator=generator)
             out.index_add_(0, noisy, noise.mul_(sigma))
         return out.clamp_(0.0, 1.0).to(images.dtype)
 

@@ -4,24 +4,39 @@ Usage (from the bundle root)::
 
     python -m scripts.benchmark [--repeats 10] [--volume 320 240 200] [--patch 128 128 32] [--pairs 10]
 
-CPU figure: one batch = ``pairs`` voxel pairs sampled from a preprocessed (cached) volume plus DHR's local
-augmentations of both views, with one thread, as one DataLoader worker would do it. CUDA figures (when a GPU is
-present): sampling on the CPU, then augmentation, forward, loss, backward and the optimiser step of the full DHR network
-at the given patch and batch size, with bf16 AMP on and off; patches per second count both views.
+CPU figures, one thread, as one DataLoader worker does it: one batch = ``pairs`` voxel pairs of one volume read from the
+on-disk cache (`scripts.cache`, memory-mapped) by `VoxelPairDataset`:
+
+- loading and sampling, with the volume's pages in the OS page cache (warm) and evicted before each batch (cold);
+- bytes read per batch: the cache files' pages that are in the page cache after a cold batch (``mincore``; Linux), i.e.
+  what the batch made the OS read, read-ahead included; beside it the bytes of the boxes themselves. Both are compared
+  with the float32 volume's bytes (what a whole-volume cache read per batch);
+- DHR's local augmentations of both views (`SSLBatch`), separately.
+
+CUDA figures (when a GPU is present): sampling on the CPU, then augmentation, forward, loss, backward and the optimiser
+step of the full DHR network at the given patch and batch size, with bf16 AMP on and off; patches per second count both
+views.
 """
 
 import argparse
+import ctypes
+import mmap
+import os
 import statistics
+import sys
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from scripts.augmentations import LocalAugmentations
+from scripts.cache import write_entry
 from scripts.losses import HybridLoss
 from scripts.networks import dhr_network
-from scripts.sampler import VoxelPairSamplerd
+from scripts.sampler import VoxelPairDataset, VoxelPairSamplerd
 from scripts.training import SSLBatch
 
 
@@ -47,14 +62,60 @@ def median_seconds(fn: Callable[[], object], repeats: int, sync: bool = False) -
     return statistics.median(times)
 
 
-def cpu_pipeline(volume: dict, sampler: VoxelPairSamplerd, repeats: int) -> dict[str, float]:
-    """Seconds per batch on one CPU thread: sampling alone, and sampling + augmentation of both views."""
+def _evict(files: list[Path]) -> None:
+    """Drops the files' clean pages from the OS page cache (Linux), so the next read comes from the disk."""
+    for file in files:
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def _cached_bytes(file: Path) -> int:
+    """Bytes of ``file`` that are in the OS page cache (``mincore`` over a fresh read-only mapping; Linux)."""
+    size, page = os.path.getsize(file), mmap.PAGESIZE
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    with open(file, "rb") as f, mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ) as mapped:
+        address = np.frombuffer(mapped, np.uint8).ctypes.data
+        pages = np.zeros((size + page - 1) // page, dtype=np.uint8)
+        if libc.mincore(ctypes.c_void_p(address), ctypes.c_size_t(size), pages.ctypes.data) != 0:
+            raise OSError(ctypes.get_errno(), "mincore failed")
+        return int((pages & 1).sum()) * page
+
+
+def cpu_pipeline(volume: dict, sampler: VoxelPairSamplerd, repeats: int, folder: Path) -> dict[str, float]:
+    """Per batch on one CPU thread: loading + sampling from the on-disk cache, bytes read, augmentation."""
     torch.set_num_threads(1)
-    prepare = SSLBatch(LocalAugmentations())
-    collate = lambda: {k: v[None] for k, v in sampler(volume).items()}  # noqa: E731 - one volume per batch
-    sampling = median_seconds(lambda: sampler(volume), repeats)
-    total = median_seconds(lambda: prepare(collate(), torch.device("cpu")), repeats)
-    return {"sampling_s": sampling, "sampling_and_augmentation_s": total}
+    image, body = volume["image"][0].numpy(), volume["body"][0].numpy()
+    entry = write_entry(folder, "benchmark", {"shape": list(image.shape)}, image, body)
+    files = [entry / "image.npy", entry / "body.npy"]
+    out = {
+        "box_mb": 2 * sampler.num_pairs * int(np.prod(sampler.patch_size)) * 2 / 2**20,  # float16 boxes
+        "float32_volume_mb": image.size * 4 / 2**20,
+    }
+    if sys.platform == "linux":  # first: pages mapped by a live dataset could not be evicted
+        cold, read = [], []
+        for s in range(repeats):
+            _evict(files)
+            fresh = VoxelPairDataset([str(entry)], sampler, seed=0, cache="disk", rank=0, world_size=1)
+            start = time.perf_counter()
+            fresh[s]
+            cold.append(time.perf_counter() - start)
+            read.append(sum(_cached_bytes(f) for f in files))
+            del fresh
+        out["loading_and_sampling_cold_s"] = statistics.median(cold)
+        out["read_mb"] = statistics.median(read) / 2**20
+        out["read_fraction_of_float32_volume"] = out["read_mb"] / out["float32_volume_mb"]
+    dataset = VoxelPairDataset([str(entry)], sampler, seed=0, cache="disk", rank=0, world_size=1)
+    samples = iter(range(10**9))  # a new sample index per batch: other boxes each time
+    out["loading_and_sampling_warm_s"] = median_seconds(lambda: dataset[next(samples)], repeats)
+    prepare = SSLBatch(LocalAugmentations(), seed=0)
+    batch = {k: v[None] for k, v in dataset[0].items()}  # one volume per batch, as collated
+    out["augmentation_s"] = median_seconds(lambda: prepare(batch, torch.device("cpu")), repeats)
+    return out
 
 
 def cuda_step(volume: dict, sampler: VoxelPairSamplerd, repeats: int, amp: bool) -> dict[str, float]:
@@ -92,6 +153,7 @@ def main() -> None:
     parser.add_argument("--patch", type=int, nargs=3, default=[128, 128, 32])
     parser.add_argument("--pairs", type=int, default=10)
     parser.add_argument("--voxels", type=int, default=1024)
+    parser.add_argument("--cache_dir", default=None, help="where the benchmark's cache entry goes (a disk, not tmpfs)")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -99,8 +161,9 @@ def main() -> None:
     sampler = VoxelPairSamplerd(args.patch, args.pairs, args.voxels)
     sampler.set_random_state(0)
     print(f"volume {tuple(args.volume)}, {args.pairs} pairs of {tuple(args.patch)} patches, {args.voxels} voxels/pair")
-    for key, value in cpu_pipeline(volume, sampler, args.repeats).items():
-        print(f"cpu (1 thread) {key}: {value:.3f}")
+    with tempfile.TemporaryDirectory(dir=args.cache_dir) as folder:
+        for key, value in cpu_pipeline(volume, sampler, args.repeats, Path(folder)).items():
+            print(f"cpu (1 thread) {key}: {value:.3f}")
     if torch.cuda.is_available():
         print(f"cuda device: {torch.cuda.get_device_name()}")
         for amp in (True, False):

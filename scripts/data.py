@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.data import Dataset, load_decathlon_datalist
+from monai.data import MetaTensor, load_decathlon_datalist
 from monai.transforms import (
     Compose,
     CropForegroundd,
@@ -31,7 +31,18 @@ from monai.transforms import (
 from monai.utils import convert_to_dst_type, convert_to_numpy, ensure_tuple
 from scipy import ndimage
 
-__all__ = ["PRESETS", "BodyMaskd", "ForegroundChannelsd", "load_datalist", "preprocessing", "usable_volumes"]
+from scripts.errors import BundleError
+
+__all__ = [
+    "PRESETS",
+    "MAX_GROWTH",
+    "VolumeWarning",
+    "CheckVolumed",
+    "BodyMaskd",
+    "ForegroundChannelsd",
+    "load_datalist",
+    "preprocessing",
+]
 
 # Intensities end up in [0, 1] for both modalities: the body-mask threshold and the local augmentations assume it.
 PRESETS: dict[str, dict] = {
@@ -46,6 +57,13 @@ PRESETS: dict[str, dict] = {
 }
 
 _NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+MAX_GROWTH = 8.0
+"""Resampling that enlarges a volume more than this many times along an axis is warned about (e.g. 100 mm slices)."""
+
+
+class VolumeWarning(UserWarning):
+    """A usable but suspicious input volume (or one skipped); the message names the file."""
 
 
 def load_datalist(source: str | os.PathLike, key: str = "training") -> list[dict]:
@@ -94,6 +112,59 @@ def load_datalist(source: str | os.PathLike, key: str = "training") -> list[dict
     return items
 
 
+class CheckVolumed(MapTransform):
+    """Checks a loaded, channel-first image before resampling; the messages name its file.
+
+    - A 4D image (several volumes, e.g. a time series) or a 2D image is refused with a `BundleError`: every workflow
+      needs one 3D volume per file. Taking the first volume silently would train on a part of the data without saying.
+    - An image with NaN or infinite values is refused.
+    - A volume that resampling to `pixdim` would shrink to less than one voxel along an axis is refused.
+    - A volume that resampling would enlarge more than `MAX_GROWTH` times along an axis (e.g. 100 mm slices resampled
+      to 1.5 mm) gets a `VolumeWarning`: it is usable, but its header's spacing is probably wrong.
+
+    Args:
+        keys: the image key; the image is a (C, X, Y, Z) MetaTensor oriented like `pixdim`.
+        pixdim: the spacing (mm) the volume is resampled to next.
+    """
+
+    def __init__(self, keys: KeysCollection, pixdim: Sequence[float]) -> None:
+        super().__init__(keys)
+        self.pixdim = np.asarray(pixdim, dtype=np.float64)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            image = d[key]
+            file = image.meta.get("filename_or_obj", "<in memory>") if isinstance(image, MetaTensor) else "<in memory>"
+            if image.ndim != 4:
+                raise BundleError(f"{file}: a 3D volume is required, got an image of shape {tuple(image.shape[1:])}.")
+            if image.shape[0] != 1:
+                raise BundleError(
+                    f"{file} is a 4D image holding {image.shape[0]} volumes: a 3D volume is required. Split it into "
+                    "one file per volume (and list the ones to use), or remove it from the dataset."
+                )
+            if not torch.isfinite(image).all():
+                raise BundleError(f"{file} holds non-finite values (NaN or inf): fix it or remove it from the dataset.")
+            spacing = np.asarray(image.pixdim, dtype=np.float64) if isinstance(image, MetaTensor) else self.pixdim
+            extent = np.asarray(image.shape[1:]) * spacing
+            for axis in range(3):
+                if extent[axis] < self.pixdim[axis]:
+                    raise BundleError(
+                        f"{file} shrinks to nothing when resampled to {tuple(self.pixdim)} mm: it spans "
+                        f"{extent[axis]:.3g} mm along axis {axis}, less than one voxel. Check the voxel size in its "
+                        "header, or remove it from the dataset."
+                    )
+                growth = spacing[axis] / self.pixdim[axis]
+                if growth > MAX_GROWTH:
+                    warnings.warn(
+                        f"{file}: resampling to {tuple(self.pixdim)} mm enlarges it {growth:.0f}x along axis {axis} "
+                        f"(its voxels are {spacing[axis]:.3g} mm there); check the voxel size in its header.",
+                        VolumeWarning,
+                        stacklevel=1,  # about the file, not the code: the caller's line would add nothing
+                    )
+        return d
+
+
 class BodyMaskd(MapTransform):
     """Adds the body mask of a [0, 1]-scaled image: everything but the dark voxels connected to the in-plane border.
 
@@ -102,20 +173,33 @@ class BodyMaskd(MapTransform):
     the body even where they reach the z faces of the volume (a 3D hole filling would flood them) or join outside air
     in another slice (the authors' CT code floods in 3D from the in-plane border and would drop them).
 
+    Bright specks in the air (noise, ghosting, a marker) would count as body, stretch the crop to the body's bounding
+    box and host anchors; so, as the authors' MRI code does, small connected components (26-connected) are dropped:
+    those with fewer voxels than `min_component_fraction` of the largest one. Separate large parts (two legs, arms
+    beside an abdominal field of view) stay.
+
     Args:
         keys: the image key; the image is (1, X, Y, Z) with intensities in [0, 1].
         body_key: where to store the mask: a (1, X, Y, Z) uint8 tensor (1 = body) with the image's metadata.
         threshold: intensity below which a voxel may be air.
+        min_component_fraction: components smaller than this fraction of the largest are not body; 0 keeps all.
     """
 
     # In-plane face connectivity: components never join across axial slices.
     _STRUCTURE = np.zeros((3, 3, 3), dtype=bool)
     _STRUCTURE[:, :, 1] = ndimage.generate_binary_structure(2, 1)
 
-    def __init__(self, keys: KeysCollection = "image", body_key: str = "body", threshold: float = 0.3) -> None:
+    def __init__(
+        self,
+        keys: KeysCollection = "image",
+        body_key: str = "body",
+        threshold: float = 0.3,
+        min_component_fraction: float = 0.01,
+    ) -> None:
         super().__init__(keys)
         self.body_key = body_key
         self.threshold = threshold
+        self.min_component_fraction = min_component_fraction
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
@@ -125,7 +209,13 @@ class BodyMaskd(MapTransform):
             on_border = np.zeros(num + 1, dtype=bool)
             on_border[np.concatenate([labels[[0, -1]].ravel(), labels[:, [0, -1]].ravel()])] = True
             on_border[0] = False  # label 0 = bright voxels
-            d[self.body_key] = convert_to_dst_type(~on_border[labels][None], d[key], dtype=torch.uint8)[0]
+            body = ~on_border[labels]
+            parts, num = ndimage.label(body, structure=np.ones((3, 3, 3), dtype=bool))
+            if num > 1:
+                sizes = np.bincount(parts.ravel())
+                sizes[0] = 0  # label 0 = not body
+                body = (sizes >= self.min_component_fraction * sizes.max())[parts]
+            d[self.body_key] = convert_to_dst_type(body[None], d[key], dtype=torch.uint8)[0]
         return d
 
 
@@ -160,9 +250,10 @@ def preprocessing(
 ) -> Compose:
     """Deterministic, invertible preprocessing of a datalist item.
 
-    Loads the image (and label), orients to RAS, resamples to the preset spacing (bilinear image, nearest label),
-    clips and scales intensities to [0, 1] by the preset, adds the `body` mask, crops image, body and label to the
-    body's bounding box and pads them to at least `patch_size` (a small volume is padded with 0, not dropped).
+    Loads the image (and label), orients to RAS, checks it (`CheckVolumed`: one 3D volume, sensible spacing),
+    resamples to the preset spacing (bilinear image, nearest label), clips and scales intensities to [0, 1] by the
+    preset, adds the `body` mask, crops image, body and label to the body's bounding box and pads them to at least
+    `patch_size` (a small volume is padded with 0, not dropped).
 
     Args:
         modality: a key of `PRESETS`: "ct" (DHR's [-175, 250] HU), "ct_wide" (vox2vec's [-1350, 1000] HU) or "mri".
@@ -190,6 +281,7 @@ def preprocessing(
         [
             LoadImaged(keys, ensure_channel_first=True, image_only=True),
             Orientationd(keys, axcodes=preset["axcodes"], labels=None),
+            CheckVolumed(image_key, pixdim=spacing),
             Spacingd(keys, pixdim=spacing, mode=["bilinear", "nearest"][: len(keys)]),
             scale,
             BodyMaskd(image_key, body_key="body"),
@@ -198,57 +290,3 @@ def preprocessing(
             EnsureTyped(image_key, dtype=torch.float32),
         ]
     )
-
-
-class _VolumeStats(torch.utils.data.Dataset):
-    """Preprocesses volume i and returns only its small stats (or why it failed), so workers never send volumes back."""
-
-    def __init__(self, volumes: Dataset) -> None:
-        self.volumes = volumes
-
-    def __len__(self) -> int:
-        return len(self.volumes)
-
-    def __getitem__(self, i: int) -> dict:
-        try:
-            item = self.volumes[i]
-        except Exception as e:
-            while e.__cause__ is not None:  # MONAI wraps the reader's error in "applying transform ..."
-                e = e.__cause__
-            return {"error": f"{type(e).__name__}: {e}", "body_voxels": 0}
-        if not torch.isfinite(item["image"]).all():
-            return {"error": "non-finite values (NaN or inf) after preprocessing", "body_voxels": 0}
-        return {"error": "", "body_voxels": int(item["body"].sum())}
-
-
-def usable_volumes(volumes: Dataset, num_workers: int = 0) -> torch.utils.data.Subset:
-    """Preprocesses every volume once (filling a PersistentDataset's cache) and keeps those with body voxels.
-
-    Args:
-        volumes: a MONAI dataset over datalist items whose transform is `preprocessing(...)`.
-        num_workers: DataLoader workers for the pass; 0 runs it in this process.
-
-    Raises:
-        RuntimeError: some volumes are missing, unreadable, corrupt or non-finite; the message names each file.
-        ValueError: no volume has any body voxel.
-
-    Returns:
-        a Subset of `volumes` without the volumes whose body mask is empty (each skipped one is warned about).
-    """
-    loader = torch.utils.data.DataLoader(_VolumeStats(volumes), batch_size=None, num_workers=num_workers)
-    # Finish the pass before raising: every bad file is reported at once and the good ones are cached meanwhile.
-    stats = list(loader)
-    files = [item["image"] for item in volumes.data]
-    errors = [f"{file}: {s['error']}" for file, s in zip(files, stats, strict=True) if s["error"]]
-    if errors:
-        raise RuntimeError(
-            f"{len(errors)} of {len(files)} volumes cannot be used; fix or remove them from the datalist:\n"
-            + "\n".join(errors)
-        )
-    for file, s in zip(files, stats, strict=True):
-        if s["body_voxels"] == 0:
-            warnings.warn(f"Skipping {file}: no body voxels (the scaled image is below the threshold).", stacklevel=2)
-    usable = [i for i, s in enumerate(stats) if s["body_voxels"] > 0]
-    if not usable:
-        raise ValueError(f"None of the {len(files)} volumes has body voxels: check the modality preset and the data.")
-    return torch.utils.data.Subset(volumes, usable)

@@ -43,6 +43,7 @@ from monai.engines import SupervisedTrainer
 from torch import Tensor, nn
 
 from scripts.networks import FPN3d
+from scripts.training import batch_generator
 
 __all__ = [
     "CODE_SIZE",
@@ -60,7 +61,10 @@ CODE_SIZE = 7
 
 
 def random_transforms(
-    batch: int, spatial_size: Sequence[int], device: torch.device | str | None = None
+    batch: int,
+    spatial_size: Sequence[int],
+    device: torch.device | str | None = None,
+    generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor]:
     """
     Draws a random `T` per patch: each axis flipped with probability 1/2, then an in-plane (X-Y) rotation by k * 90
@@ -70,15 +74,16 @@ def random_transforms(
         batch: number of patches B.
         spatial_size: (X, Y, Z) of the patches.
         device: where the returned tensors live.
+        generator: source of the draws, on `device`; None: torch's default generator.
 
     Returns:
         flips (B, 3) bool, per axis X, Y, Z; rotations (B,) int64, k.
     """
-    flips = torch.rand(batch, 3, device=device) < 0.5
+    flips = torch.rand(batch, 3, device=device, generator=generator) < 0.5
     if spatial_size[0] == spatial_size[1]:
-        rotations = torch.randint(0, 4, (batch,), device=device)
+        rotations = torch.randint(0, 4, (batch,), device=device, generator=generator)
     else:
-        rotations = 2 * torch.randint(0, 2, (batch,), device=device)
+        rotations = 2 * torch.randint(0, 2, (batch,), device=device, generator=generator)
     return flips, rotations
 
 
@@ -116,10 +121,10 @@ def apply_transforms(images: Tensor, flips: Tensor, rotations: Tensor) -> Tensor
     return rotated
 
 
-def _folded_uniform() -> float:
+def _folded_uniform(generator: torch.Generator | None = None) -> float:
     """``max(a, 1 - a)`` for ``a ~ Beta(1, 1)``, i.e. uniform in [0.5, 1]: PCRL's mixing weights (the first input
-    dominates). Drawn from torch's default CPU generator, so `set_determinism` reproduces it."""
-    a = torch.rand(()).item()
+    dominates). Drawn on the CPU (a Python float is needed) from `generator`, else torch's default CPU generator."""
+    a = torch.rand((), generator=generator).item()
     return max(a, 1.0 - a)
 
 
@@ -132,9 +137,15 @@ class PCRLBatch:
     A batch from :class:`scripts.sampler.VoxelPairSamplerd` holds V volumes x N pairs; the P = V * N pairs give clean
     views ``c1, c2`` (P, 1, X, Y, Z) each. See the module docstring for the terms.
 
+    Randomness as in `scripts.training.SSLBatch`: every draw (corruption, transformations, mixing weights, mixup
+    partners) comes from ``torch_generator(seed, rank, s)`` on the device, s = the batch's first ``sample_index``, and
+    the mixing weights from ``torch_generator(seed, rank, s, 1)`` on the CPU; a batch without ``sample_index`` uses
+    torch's default generators.
+
     Args:
-        augment: batched corruption ``(B, 1, X, Y, Z) -> (B, 1, X, Y, Z)``, or None for none.
+        augment: batched corruption ``(B, 1, X, Y, Z), generator=... -> (B, 1, X, Y, Z)``, or None for none.
         mixup: add the input-mixup pass.
+        seed: the run's seed.
 
     Returns (when called):
         ``inputs`` (2P, 1, X, Y, Z): corrupted views, view 1 first;
@@ -145,9 +156,10 @@ class PCRLBatch:
         ``mixed_alpha`` float.
     """
 
-    def __init__(self, augment: Callable[[Tensor], Tensor] | None = None, mixup: bool = True) -> None:
+    def __init__(self, augment: Callable[..., Tensor] | None = None, mixup: bool = True, seed: int = 0) -> None:
         self.augment = augment
         self.mixup = mixup
+        self.seed = seed
 
     def __call__(
         self,
@@ -162,10 +174,17 @@ class PCRLBatch:
 
         clean = torch.cat([flat("view1"), flat("view2")])
         pairs = clean.shape[0] // 2
-        inputs = self.augment(clean) if self.augment is not None else clean
-        flips, rotations = random_transforms(2 * pairs, clean.shape[2:], clean.device)
+        seeded = "sample_index" in batchdata
+        generator = batch_generator(batchdata, self.seed, clean.device) if seeded else None
+        # the mixing weights are Python floats: drawn on the CPU (no device sync), from a stream of their own
+        cpu_generator = batch_generator(batchdata, self.seed, torch.device("cpu"), 1) if seeded else None
+        if self.augment is None:
+            inputs = clean
+        else:
+            inputs = self.augment(clean, generator=generator) if seeded else self.augment(clean)
+        flips, rotations = random_transforms(2 * pairs, clean.shape[2:], clean.device, generator)
         target = apply_transforms(clean, flips, rotations)
-        alpha = _folded_uniform()
+        alpha = _folded_uniform(cpu_generator)
         targets = {
             "student": target[:pairs],
             "teacher": target[pairs:],
@@ -174,12 +193,12 @@ class PCRLBatch:
         network_kwargs = {"codes": transform_code(flips, rotations), "alpha": alpha}
         if self.mixup:
             # One partner per pair, the same in both views, so that mixed view 1 and mixed view 2 still match.
-            partner = torch.randperm(pairs, device=clean.device)
+            partner = torch.randperm(pairs, device=clean.device, generator=generator)
             partner = torch.cat([partner, partner + pairs])
-            lam = _folded_uniform()
+            lam = _folded_uniform(cpu_generator)
             # T is linear and per patch, so T_i(lam * c_i + (1 - lam) * c_j) is the target of the mixed patch i.
             mixed_target = apply_transforms(lam * clean + (1 - lam) * clean[partner], flips, rotations)
-            mixed_alpha = _folded_uniform()
+            mixed_alpha = _folded_uniform(cpu_generator)
             targets["student_mixup"] = mixed_target[:pairs]
             targets["hybrid_mixup"] = mixed_alpha * mixed_target[:pairs] + (1 - mixed_alpha) * mixed_target[pairs:]
             network_kwargs.update(mixed=lam * inputs + (1 - lam) * inputs[partner], mixed_alpha=mixed_alpha)

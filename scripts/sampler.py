@@ -1,15 +1,27 @@
-"""Voxel-pair sampler: overlapping patch pairs of one volume and the voxels they share (DHR / vox2vec positives)."""
+"""Voxel-pair sampler: overlapping patch pairs of one volume and the voxels they share (DHR / vox2vec positives).
+
+`VoxelPairSamplerd` cuts the pairs from one volume; `VoxelPairDataset` is pretraining's dataset: item ``s`` (the global
+sample index) is a volume and its pairs, both drawn from ``numpy_rng(seed, rank, s)``; `SampleIndexSampler` feeds it
+``s = iteration * volumes_per_batch, ...`` so that a resumed run continues the sequence of an uninterrupted one.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+import itertools
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
+from ignite.engine import Engine, Events
 from monai.config import KeysCollection
 from monai.transforms import MapTransform, Randomizable
 
-__all__ = ["VoxelPairSamplerd"]
+from scripts import distributed
+from scripts.cache import open_volume
+from scripts.errors import BundleError
+from scripts.randomness import numpy_rng
+
+__all__ = ["VoxelPairSamplerd", "VoxelPairDataset", "SampleIndexSampler"]
 
 
 class VoxelPairSamplerd(Randomizable, MapTransform):
@@ -22,8 +34,10 @@ class VoxelPairSamplerd(Randomizable, MapTransform):
     drawn without replacement. Outputs have fixed shapes so that volumes collate into batches; a pair with fewer matched
     voxels marks the unused slots invalid.
 
-    Input (after :func:`scripts.data.preprocessing`): ``image`` (1, X, Y, Z) float and ``body`` (1, X, Y, Z) mask, each
-    spatial size at least ``patch_size``. Output (N = num_pairs, K = voxels_per_pair, P = patch_size):
+    Input (after :func:`scripts.data.preprocessing`, or :func:`scripts.cache.open_volume`): ``image`` (1, X, Y, Z) float
+    and ``body`` (1, X, Y, Z) mask (nonzero = body), each spatial size at least ``patch_size``; tensors or numpy arrays,
+    memory-mapped ones included: only the boxes cut and the anchor candidates are read. Output (N = num_pairs,
+    K = voxels_per_pair, P = patch_size):
 
     - ``view1``, ``view2``: (N, 1, *P) float32 patches;
     - ``voxels1``, ``voxels2``: (N, K, 3) int64 indices of the matched voxels within each view's patch;
@@ -50,53 +64,171 @@ class VoxelPairSamplerd(Randomizable, MapTransform):
         self.num_pairs = num_pairs
         self.voxels_per_pair = voxels_per_pair
 
-    def randomize(self, data: None = None) -> None:
+    def randomize(self, data: None = None) -> np.random.Generator:
         # a numpy Generator per volume: its choice() draws K of n without replacement in O(K), unlike RandomState's
-        self._rng = np.random.default_rng(self.R.randint(2**31))
+        return np.random.default_rng(self.R.randint(2**31))
 
-    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def __call__(
+        self, data: Mapping[Hashable, torch.Tensor | np.ndarray], rng: np.random.Generator | None = None
+    ) -> dict[str, torch.Tensor]:
+        """
+        Args:
+            data: ``image`` and ``body`` as described above.
+            rng: source of every random draw; None: one seeded from this transform's state (`set_random_state`).
+        """
         image_key, body_key = self.keys
-        image = torch.as_tensor(data[image_key])[0]
-        body = np.asarray(torch.as_tensor(data[body_key])[0].bool())
+        image, body = _numpy(data[image_key])[0], _numpy(data[body_key])[0]
         shape = np.asarray(body.shape)
         if np.any(shape < self.patch_size):
             raise ValueError(
                 f"Volume of shape {tuple(shape)} is smaller than patch_size {tuple(self.patch_size)}; "
                 "pad it first (scripts.data.preprocessing does)."
             )
-        self.randomize()
+        rng = self.randomize() if rng is None else rng
         n, k, p = self.num_pairs, self.voxels_per_pair, self.patch_size
-        anchors = self._anchors(body, n)
+        anchors = self._anchors(body, n, rng)
         # per axis, the boxes containing anchor a start in [max(0, a - p + 1), min(a, S - p)]
         low, high = np.maximum(anchors - p + 1, 0), np.minimum(anchors, shape - p)
-        starts = self._rng.integers(low[None], high[None] + 1, size=(2, n, 3))
+        starts = rng.integers(low[None], high[None] + 1, size=(2, n, 3))
 
         voxels = torch.zeros(2, n, k, 3, dtype=torch.int64)
         valid = torch.zeros(n, k, dtype=torch.bool)
         for i in range(n):
             lo, hi = starts[:, i].max(0), starts[:, i].min(0) + p
-            matched = np.argwhere(body[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]) + lo
-            if len(matched) > k:
-                matched = matched[self._rng.choice(len(matched), k, replace=False)]
+            matched = self._matched(body[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]], k, rng) + lo
             valid[i, : len(matched)] = True
             voxels[:, i, : len(matched)] = torch.from_numpy(matched[None] - starts[:, i, None])
 
-        views = [
-            torch.stack([image[x : x + p[0], y : y + p[1], z : z + p[2]] for x, y, z in starts[v]])[:, None].float()
-            for v in range(2)
-        ]
+        # one float32 conversion per box, straight from the (possibly memory-mapped, float16) volume
+        views = np.empty((2, n, 1, *p), dtype=np.float32)
+        for v, i in np.ndindex(2, n):
+            x, y, z = starts[v, i]
+            views[v, i, 0] = image[x : x + p[0], y : y + p[1], z : z + p[2]]
+        views = torch.from_numpy(views)
         return {"view1": views[0], "view2": views[1], "voxels1": voxels[0], "voxels2": voxels[1], "valid": valid}
 
-    def _anchors(self, body: np.ndarray, n: int) -> np.ndarray:
+    @staticmethod
+    def _matched(body: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+        """At most ``k`` body voxels (m, 3) of the box ``body``, drawn uniformly without replacement."""
+        # The first k body voxels of a random order of the box's voxels are a uniform draw without replacement; 4k
+        # candidates nearly always hold k body voxels, and checking them costs far less than argwhere on the box.
+        candidates = rng.choice(body.size, min(body.size, 4 * k), replace=False)
+        position = np.stack(np.unravel_index(candidates, body.shape), axis=1)
+        inside = position[body[tuple(position.T)] != 0]
+        if len(inside) >= k or len(candidates) == body.size:
+            return inside[:k]
+        matched = np.argwhere(body)  # few body voxels in the box: take them all, or k of them
+        return matched[rng.choice(len(matched), k, replace=False)] if len(matched) > k else matched
+
+    @staticmethod
+    def _anchors(body: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
         """``n`` voxel indices (n, 3) drawn uniformly inside ``body``."""
-        # the body fills much of its cropped bounding box: rejection sampling is exact and avoids argwhere on the volume
+        # the body fills much of its cropped bounding box: rejection sampling is exact and reads a few voxels only
         found = np.empty((0, 3), dtype=np.int64)
         for _ in range(16):
-            candidates = self._rng.integers(0, body.shape, size=(8 * n, 3))
-            found = np.concatenate([found, candidates[body[tuple(candidates.T)]]])
+            candidates = rng.integers(0, body.shape, size=(8 * n, 3))
+            found = np.concatenate([found, candidates[body[tuple(candidates.T)] != 0]])
             if len(found) >= n:
                 return found[:n]
         inside = np.argwhere(body)
         if len(inside) == 0:
             raise ValueError("The body mask is empty: no anchor voxel can be drawn.")
-        return inside[self._rng.integers(0, len(inside), size=n)]
+        return inside[rng.integers(0, len(inside), size=n)]
+
+
+def _numpy(array: torch.Tensor | np.ndarray) -> np.ndarray:
+    """A numpy view of a CPU tensor (MetaTensor included) or array, without reading or copying its data."""
+    return array.detach().as_subclass(torch.Tensor).numpy() if isinstance(array, torch.Tensor) else array
+
+
+class VoxelPairDataset(torch.utils.data.Dataset):
+    """
+    Pretraining samples by global sample index: item ``s`` is one volume's voxel pairs, drawn by ``sampler``.
+
+    Everything random about item ``s`` (which volume, anchors, boxes, matched voxels) comes from
+    ``numpy_rng(seed, rank, s)`` (`scripts.randomness`), so an item is the same whichever worker loads it and whenever,
+    in a resumed run too. Each rank draws among its own share of the volumes (rank r: volumes r, r + world_size, ...)
+    when there are at least as many volumes as ranks, otherwise among all. Any ``s >= 0`` is an index: the dataset has
+    no length; `SampleIndexSampler` says which indices a run uses.
+
+    Args:
+        volumes: cache entries (:func:`scripts.cache.prepare_volumes`).
+        sampler: the voxel-pair transform applied to the chosen volume.
+        seed: the run's seed.
+        cache: "disk" (memory-mapped: a batch reads only its boxes; the OS keeps what is read often in its page cache)
+            or "memory" (every volume read into memory here, once; shared with forked workers).
+        rank: this process's rank; None: `scripts.distributed.rank()`.
+        world_size: number of ranks; None: `scripts.distributed.world_size()`.
+
+    Returns (item ``s``): the sampler's output (``view1``, ``view2`` (N, 1, *P) float32, ``voxels1``, ``voxels2``
+    (N, K, 3) int64, ``valid`` (N, K) bool), plus ``sample_index`` (s, int64) and ``volume_index`` (position of the
+    volume in ``volumes``, int64).
+    """
+
+    CACHE_MODES = ("disk", "memory")
+
+    def __init__(
+        self,
+        volumes: Sequence[str],
+        sampler: VoxelPairSamplerd,
+        seed: int = 0,
+        cache: str = "disk",
+        rank: int | None = None,
+        world_size: int | None = None,
+    ) -> None:
+        if cache not in self.CACHE_MODES:
+            raise BundleError(f"cache={cache!r}: the key `cache` must be 'disk' or 'memory'.")
+        self.volumes = list(volumes)
+        self.sampler = sampler
+        self.seed = seed
+        self.in_memory = cache == "memory"
+        self.rank = distributed.rank() if rank is None else rank
+        world_size = distributed.world_size() if world_size is None else world_size
+        own = range(self.rank, len(self.volumes), world_size) if len(self.volumes) >= world_size else None
+        self.choices = list(own) if own is not None else list(range(len(self.volumes)))
+        # disk: opened on first use in each process; memory: read here, so forked workers share the pages
+        self._open: dict[int, dict[str, np.ndarray]] = {}
+        if self.in_memory:
+            for index in self.choices:
+                self._volume(index)
+
+    def _volume(self, index: int) -> dict[str, np.ndarray]:
+        if index not in self._open:
+            self._open[index] = open_volume(self.volumes[index], in_memory=self.in_memory)
+        return self._open[index]
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        rng = numpy_rng(self.seed, self.rank, index)
+        volume = self.choices[int(rng.integers(len(self.choices)))]
+        out = self.sampler(self._volume(volume), rng=rng)
+        out["sample_index"] = torch.tensor(index, dtype=torch.int64)
+        out["volume_index"] = torch.tensor(volume, dtype=torch.int64)
+        return out
+
+
+class SampleIndexSampler(torch.utils.data.Sampler[int]):
+    """
+    Yields the global sample indices ``start, start + 1, ...`` without end, for `VoxelPairDataset`.
+
+    Attached to the trainer (a handler: ``attach(engine)``), it sets ``start = iteration * samples_per_iteration`` at
+    each epoch start (after a checkpoint was loaded at ``STARTED``), before ignite asks the data loader for an iterator:
+    a resumed run continues the sequence where the interrupted one stopped, and one step's batch holds samples
+    ``iteration * V .. iteration * V + V - 1`` (V = `samples_per_iteration`, the loader's batch size). The trainer
+    needs an ``epoch_length``, as this sampler has no length.
+
+    Args:
+        samples_per_iteration: samples per batch (the config's ``volumes_per_batch``).
+    """
+
+    def __init__(self, samples_per_iteration: int) -> None:
+        self.samples_per_iteration = samples_per_iteration
+        self.start = 0
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self._follow)
+
+    def _follow(self, engine: Engine) -> None:
+        self.start = engine.state.iteration * self.samples_per_iteration
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.count(self.start)

@@ -15,11 +15,13 @@ from monai.engines.utils import IterationEvents
 from monai.handlers import MeanDice, from_engine
 from torch import nn
 
-from scripts.distributed import is_main
+from scripts import distributed
+from scripts.randomness import torch_generator
 from scripts.weights import save_weights
 
 __all__ = [
     "SSLBatch",
+    "batch_generator",
     "GradientClipping",
     "NonFiniteLossGuard",
     "ProgressBar",
@@ -37,15 +39,21 @@ class SSLBatch:
     are stacked into one network input (2P, 1, X, Y, Z), view 1 first, so that one backbone pass serves both. Each view
     is augmented independently, batched, on the training device; the clean views are kept as restoration targets.
 
+    The augmentation draws from ``torch_generator(seed, rank, s)`` on the device (`scripts.randomness`), s = the batch's
+    first ``sample_index``, so a step's augmentations depend on its samples alone (resumed runs reproduce them). A batch
+    without ``sample_index`` uses torch's default generator.
+
     Args:
-        augment: batched augmentation ``(B, 1, X, Y, Z) -> (B, 1, X, Y, Z)``, or None for none.
+        augment: batched augmentation ``(B, 1, X, Y, Z), generator=... -> (B, 1, X, Y, Z)``, or None for none.
+        seed: the run's seed.
 
     Returns (when called): ``inputs`` (2P, 1, X, Y, Z); ``targets`` dict with ``clean`` (2P, 1, X, Y, Z) and ``valid``
     (P, K); no positional args; kwargs ``voxels`` (2P, K, 3) for the network.
     """
 
-    def __init__(self, augment: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+    def __init__(self, augment: Callable[..., torch.Tensor] | None = None, seed: int = 0) -> None:
         self.augment = augment
+        self.seed = seed
 
     def __call__(
         self,
@@ -59,8 +67,24 @@ class SSLBatch:
 
         clean = torch.cat([flat("view1"), flat("view2")])
         voxels = torch.cat([flat("voxels1"), flat("voxels2")])
-        inputs = self.augment(clean) if self.augment is not None else clean
+        if self.augment is None:
+            inputs = clean
+        elif "sample_index" in batchdata:
+            inputs = self.augment(clean, generator=batch_generator(batchdata, self.seed, clean.device))
+        else:
+            inputs = self.augment(clean)
         return inputs, {"clean": clean, "valid": flat("valid")}, (), {"voxels": voxels}
+
+
+def batch_generator(
+    batchdata: dict[str, torch.Tensor], seed: int, device: torch.device, *stream: int
+) -> torch.Generator:
+    """``torch_generator(seed, rank, s, *stream)`` on ``device``, s = the batch's first ``sample_index``.
+
+    A step's randomness; ``stream`` (e.g. 1) gives a further, independent generator of the same step.
+    """
+    first = int(batchdata["sample_index"].reshape(-1)[0])  # the indices stay on the CPU: no device sync
+    return torch_generator(seed, distributed.rank(), first, *stream, device=device)
 
 
 class GradientClipping:
@@ -150,7 +174,7 @@ class ExportBackbone:
         engine.add_event_handler(Events.COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
-        if not is_main():
+        if not distributed.is_main():
             return
         architecture = {k: getattr(self.backbone, k, None) for k in ("in_channels", "base_channels", "num_scales")}
         save_weights(self.backbone.state_dict(), self.path, {"kind": "backbone", **architecture, **self.info})

@@ -6,10 +6,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from monai.data import Dataset, MetaTensor, PersistentDataset
+from monai.data import MetaTensor
 from scipy import ndimage
 
-from scripts.data import PRESETS, BodyMaskd, load_datalist, preprocessing, usable_volumes
+from scripts.data import PRESETS, BodyMaskd, load_datalist, preprocessing
 
 # LPS-oriented, anisotropic input grid: preprocessing must reorient and resample it.
 SPACING = (0.8, 0.8, 3.0)
@@ -171,39 +171,14 @@ def test_preprocessing_presets_and_unknown_modality():
         preprocessing("pet", patch_size=(8, 8, 8))
 
 
-# usable_volumes
-
-
-@pytest.mark.parametrize("num_workers", [0, 1])
-def test_usable_volumes_names_corrupt_file(tmp_path, num_workers):
-    corrupt = tmp_path / "x.nii.gz"
-    corrupt.write_bytes(np.random.default_rng(0).bytes(1000))
-    volumes = Dataset([_case(tmp_path), {"image": str(corrupt)}], transform=preprocessing("ct", (8, 8, 4)))
-    with pytest.raises(RuntimeError, match=re.escape(str(corrupt))):
-        usable_volumes(volumes, num_workers=num_workers)
-
-
-def test_usable_volumes_rejects_non_finite_image(tmp_path):
+def test_mri_body_mask_drops_a_bright_speck_in_the_air(tmp_path):
     hu, _ = _phantom()
-    hu[5, 5, 5] = np.nan
-    path = _save(hu, tmp_path / "nan.nii.gz")
-    with pytest.raises(RuntimeError, match=re.escape(path)):
-        usable_volumes(Dataset([{"image": path}], transform=preprocessing("ct", (8, 8, 4))))
-
-
-def test_usable_volumes_skips_empty_volumes_and_fills_cache(tmp_path):
-    empty = _save(np.zeros((20, 20, 6), np.float32), tmp_path / "empty.nii.gz")
-    good = _case(tmp_path)["image"]
-    volumes = PersistentDataset(
-        [{"image": empty}, {"image": good}], transform=preprocessing("mri", (8, 8, 4)), cache_dir=tmp_path / "cache"
-    )
-    with pytest.warns(UserWarning, match=re.escape(empty)):
-        subset = usable_volumes(volumes, num_workers=2)
-    assert list(subset.indices) == [1] and subset[0]["image"].shape[0] == 1
-    assert len(list((tmp_path / "cache").iterdir())) == 2
-
-    with pytest.warns(UserWarning), pytest.raises(ValueError, match="None of the 1 volumes has body voxels"):
-        usable_volumes(Dataset([{"image": empty}], transform=preprocessing("mri", (8, 8, 4))))
+    clean = preprocessing("mri", patch_size=(8, 8, 4))({"image": _save(hu, tmp_path / "clean.nii.gz")})
+    hu[2:4, 2:4, 4:6] = hu.max()  # a bright speck in the corner, far from the body
+    out = preprocessing("mri", patch_size=(8, 8, 4))({"image": _save(hu, tmp_path / "speck.nii.gz")})
+    # not body, and the crop to the body's bounding box is not stretched to reach it
+    assert out["image"].shape == clean["image"].shape
+    assert torch.equal(out["body"], clean["body"])
 
 
 def test_foreground_channels_drop_the_background():

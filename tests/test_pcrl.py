@@ -122,6 +122,20 @@ def test_batch_targets_are_transformed_clean_views_and_mixes_share_partners():
     assert set(targets) == {"student", "teacher", "hybrid"} and "mixed" not in kwargs
 
 
+def test_batch_draws_everything_from_the_sample_index():
+    prepare = PCRLBatch(LocalAugmentations(), mixup=True, seed=1)
+    data = voxel_pair_batch(pairs=4)
+
+    def prepared(first: int) -> list[torch.Tensor]:
+        state = torch.get_rng_state()
+        inputs, targets, _, kwargs = prepare({**data, "sample_index": torch.tensor([first])}, torch.device("cpu"))
+        assert torch.equal(torch.get_rng_state(), state), "torch's global RNG was used"
+        return [inputs, *targets.values(), kwargs["codes"], torch.tensor([kwargs["alpha"], kwargs["mixed_alpha"]])]
+
+    assert all(torch.equal(a, b) for a, b in zip(prepared(2), prepared(2), strict=True))
+    assert not torch.equal(prepared(2)[0], prepared(3)[0])
+
+
 def test_batch_corrupts_inputs_but_not_targets():
     torch.manual_seed(0)
     batch = voxel_pair_batch(2)
@@ -235,6 +249,7 @@ def run_pcrl(tmp: Path, *extra: str, epochs: int, out: str = "out") -> subproces
         "queue_size": "64",
         "dataset_dir": str(tmp / "data"),
         "output_dir": str(tmp / out),
+        "cache_dir": str(tmp / "cache"),
         "epochs": str(epochs),
     }
     return monai_bundle_run("pretrain", CONFIGS, args, *extra)

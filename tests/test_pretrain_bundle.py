@@ -38,7 +38,7 @@ def write_volumes(folder: Path, count: int = 2) -> None:
 def run_pretrain(
     tmp: Path, *extra: str, epochs: int = 2, config: str = "configs/pretrain.yaml"
 ) -> subprocess.CompletedProcess:
-    paths = {"dataset_dir": tmp / "data", "output_dir": tmp / "out"}
+    paths = {"dataset_dir": tmp / "data", "output_dir": tmp / "out", "cache_dir": tmp / "cache"}
     return monai_bundle_run("pretrain", config, {**TINY, **paths, "epochs": epochs}, *extra)
 
 

@@ -87,3 +87,67 @@ def test_volume_smaller_than_patch_is_rejected_with_advice():
     small = {"image": torch.zeros(1, 8, 8, 8), "body": torch.ones(1, 8, 8, 8, dtype=torch.bool)}
     with pytest.raises(ValueError, match="smaller than patch_size"):
         sample(small)
+
+
+# VoxelPairDataset and SampleIndexSampler: items are pure functions of (seed, rank, sample index)
+
+
+def cached_volumes(tmp_path, count=3):
+    """`count` cache entries of textured ellipsoids, each with its own intensity offset."""
+    from scripts.cache import write_entry
+
+    rng = np.random.default_rng(0)
+    body = ellipsoid_body()
+    entries = []
+    for i in range(count):
+        image = np.where(body, 0.3 + 0.1 * i + 0.05 * rng.random(SHAPE), 0.0)
+        entries.append(str(write_entry(tmp_path, f"v{i}", {"shape": list(SHAPE)}, image, body)))
+    return entries
+
+
+def dataset(entries, **kwargs):
+    from scripts.sampler import VoxelPairDataset
+
+    return VoxelPairDataset(entries, VoxelPairSamplerd(PATCH, num_pairs=4, voxels_per_pair=32), **kwargs)
+
+
+def test_items_are_equal_for_equal_indices_and_differ_between_indices(tmp_path):
+    entries = cached_volumes(tmp_path)
+    a, b = dataset(entries, seed=1), dataset(entries, seed=1, cache="memory")
+    for s in (0, 7, 123456789):
+        first, again = a[s], b[s]
+        assert int(first["sample_index"]) == s
+        for key in first:
+            assert torch.equal(first[key], again[key]), key
+    assert not torch.equal(a[0]["view1"], a[1]["view1"])
+    assert not torch.equal(a[0]["view1"], dataset(entries, seed=2)[0]["view1"])
+    assert len({int(a[s]["volume_index"]) for s in range(30)}) == 3, "every volume is drawn"
+
+
+def test_ranks_draw_their_own_volumes_and_streams(tmp_path):
+    entries = cached_volumes(tmp_path, count=4)
+    drawn = [{int(dataset(entries, rank=r, world_size=2)[s]["volume_index"]) for s in range(20)} for r in (0, 1)]
+    assert drawn == [{0, 2}, {1, 3}]
+    single = cached_volumes(tmp_path / "one", count=1)
+    other = dataset(single, rank=1, world_size=2)[0]
+    assert not torch.equal(dataset(single, rank=0, world_size=2)[0]["view1"], other["view1"])
+
+
+def test_unknown_cache_mode_names_the_key(tmp_path):
+    from scripts.errors import BundleError
+
+    with pytest.raises(BundleError, match="`cache` must be 'disk' or 'memory'"):
+        dataset(cached_volumes(tmp_path, count=1), cache="ram")
+
+
+def test_index_sampler_continues_from_the_engine_iteration():
+    from ignite.engine import Engine, Events
+
+    from scripts.sampler import SampleIndexSampler
+
+    sampler = SampleIndexSampler(samples_per_iteration=3)
+    engine = Engine(lambda e, b: None)
+    sampler.attach(engine)
+    engine.state.iteration = 5  # as a loaded checkpoint leaves it before the first epoch starts
+    engine.fire_event(Events.EPOCH_STARTED)
+    assert list(zip(range(4), sampler, strict=False)) == [(0, 15), (1, 16), (2, 17), (3, 18)]

@@ -29,6 +29,24 @@ def test_ssl_batch_stacks_views_and_augments_only_the_inputs():
     assert targets["valid"].shape == (6, 5)
 
 
+@pytest.mark.parametrize("augmentations", ["local", "vox2vec"])
+def test_ssl_batch_augments_by_sample_index_without_global_rng(augmentations):
+    from scripts.augmentations import build_augmentation
+
+    prepare = SSLBatch(build_augmentation(augmentations, "mri"), seed=3)
+    data = sampler_batch(patch=(8, 8, 4))
+
+    def inputs(first: int) -> torch.Tensor:
+        batch = {**data, "sample_index": torch.tensor([first, first + 1])}
+        state = torch.get_rng_state()
+        out = prepare(batch, torch.device("cpu"))[0]
+        assert torch.equal(torch.get_rng_state(), state), "torch's global RNG was used"
+        return out
+
+    assert torch.equal(inputs(4), inputs(4))
+    assert not torch.equal(inputs(4), inputs(6))
+
+
 class Tiny(nn.Module):
     def __init__(self):
         super().__init__()

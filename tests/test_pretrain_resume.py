@@ -1,0 +1,68 @@
+"""Exact resume: a pretraining killed mid-run and resumed ends bitwise equal to an uninterrupted run (issue 7.3)."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from bundle import monai_bundle_run
+from test_pretrain_bundle import TINY, write_volumes
+
+from scripts.training import latest_checkpoint
+
+# Kills the process (as a kill -9 would: no handler, no cleanup) when iteration 5 completes, after the checkpoint of
+# iteration 4; then runs pretrain.yaml's own `pretrain` steps. (`torch.os` is `os`: MONAI parses any expression holding
+# the word "import" as an import statement.)
+CRASH = """
+crash: "$lambda engine: torch.os._exit(3)"
+pretrain:
+  - $@train#trainer.add_event_handler(monai.engines.workflow.Events.ITERATION_COMPLETED(once=5), @crash)
+  - '%configs/pretrain.yaml#pretrain'
+"""
+
+
+def pretrain(tmp: Path, name: str, num_workers: int, crash: bool = False) -> int:
+    keys = {
+        **TINY,
+        "dataset_dir": tmp / "data",
+        "cache_dir": tmp / "cache",
+        "output_dir": tmp / name,
+        "models_dir": tmp / name / "models",
+        "num_workers": num_workers,
+        "epochs": 2,  # 2 x 3 iterations
+        "checkpoint_interval": 2,  # the resumed run starts mid-epoch, at iteration 4
+    }
+    config = f"['configs/pretrain.yaml','{tmp / 'crash.yaml'}']" if crash else "configs/pretrain.yaml"
+    result = monai_bundle_run("pretrain", config, keys)
+    assert result.returncode == (3 if crash else 0), result.stderr[-4000:]
+    return result
+
+
+def final_state(output_dir: Path) -> dict:
+    checkpoint = latest_checkpoint(str(output_dir / "checkpoints"))
+    assert checkpoint is not None and checkpoint.endswith("=6.pt"), checkpoint
+    return torch.load(checkpoint, weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("resume")
+    write_volumes(tmp / "data", count=3)
+    (tmp / "crash.yaml").write_text(CRASH)
+    pretrain(tmp, "uninterrupted", num_workers=0)
+    return tmp, final_state(tmp / "uninterrupted")
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_killed_and_resumed_run_equals_the_uninterrupted_run(uninterrupted, num_workers):
+    tmp, expected = uninterrupted
+    name = f"resumed_{num_workers}"
+    pretrain(tmp, name, num_workers, crash=True)
+    assert latest_checkpoint(str(tmp / name / "checkpoints")).endswith("=4.pt")
+    result = pretrain(tmp, name, num_workers)
+    assert "Resuming from" in result.stdout + result.stderr
+    state = final_state(tmp / name)
+    for key, value in expected["network"].items():
+        assert torch.equal(state["network"][key], value), f"network entry {key} differs"
+    for group, value in expected["optimizer"]["state"].items():
+        for name_, tensor in value.items():
+            assert torch.equal(state["optimizer"]["state"][group][name_], tensor), f"optimizer {group}.{name_}"
