@@ -6,9 +6,11 @@ Everything else there is MONAI: `SupervisedEvaluator`, `SlidingWindowInferer`, `
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,7 @@ from monai.metrics import HausdorffDistanceMetric
 from monai.transforms import Orientation
 from monai.utils import ImageMetaKey, convert_to_numpy, convert_to_tensor
 
-__all__ = ["EvaluationSummary", "HausdorffDistanceMM", "OverlayPlots", "channels_to_labels"]
+__all__ = ["EvaluationSummary", "HausdorffDistanceMM", "OverlayPlots", "channels_to_labels", "write_metric_csvs"]
 
 # Class c (1-based) is drawn in colour c - 1 of this list, in overlays and contours alike.
 _COLOURS = ["tab:red", "tab:green", "tab:blue", "tab:orange", "tab:purple", "tab:cyan", "tab:olive", "tab:pink"]
@@ -46,7 +48,11 @@ class HausdorffDistanceMM(HausdorffDistanceMetric):
             kwargs["spacing"] = (
                 [convert_to_numpy(s).tolist() for s in spacing] if y.is_batch else convert_to_numpy(spacing).tolist()
             )
-        return super()._compute_tensor(y_pred, y, **kwargs)
+        with warnings.catch_warnings():
+            # MONAI's own compute_hausdorff_distance passes get_mask_edges the argument it deprecated itself
+            # (always_return_as_numpy, removed in MONAI 1.7); nothing a caller passes avoids it, so only it is hidden.
+            warnings.filterwarnings("ignore", message=".*always_return_as_numpy", category=FutureWarning)
+            return super()._compute_tensor(y_pred, y, **kwargs)
 
 
 def channels_to_labels(channels: torch.Tensor) -> torch.Tensor:
@@ -61,24 +67,76 @@ def _mean(values: np.ndarray) -> float | None:
     return float(finite.mean()) if finite.size else None
 
 
-class EvaluationSummary:
-    """Ignite handler: writes `summary.json` and publishes per-class means as scalar metrics.
+# Columns of the <metric>_summary.csv files: statistics over the cases' finite values (NaN and inf are undefined).
+_STATISTICS = {
+    "mean": np.mean,
+    "median": np.median,
+    "max": np.max,
+    "min": np.min,
+    "90percentile": lambda v: np.percentile(v, 90),
+    "std": np.std,
+}
 
-    MONAI's `MetricsSaver` writes CSV only, and per-class values are only in `engine.state.metric_details`, which
-    `StatsHandler` and `MLFlowHandler` do not log. At epoch completion this handler reads the per-case, per-class values
-    ``metric_details[dice_metric]`` and ``[hd_metric]`` (each (N cases, C classes)), adds ``<name>_<c>`` (c = 1..C) to
-    ``engine.state.metrics`` and writes::
+
+def _format(value: float | None) -> str:
+    """A CSV cell: 4 decimals; "nan" for an undefined value, "inf" for an infinite one."""
+    return "nan" if value is None else f"{value:.4f}"
+
+
+def write_metric_csvs(
+    output_dir: str, name: str, values: np.ndarray, classes: list[str], filenames: list[str] | None = None
+) -> None:
+    """Writes ``<name>_raw.csv`` (one row per case) and ``<name>_summary.csv`` (one row per class and the mean).
+
+    MONAI's `MetricsSaver` names the class columns ``class0..`` (0-based, unlike `summary.json`) and runs numpy's NaN
+    reductions on columns that can be all NaN, which warns; these files use the class labels of `summary.json` and
+    leave undefined statistics as ``nan`` without computing them.
+
+    Args:
+        output_dir: folder of the files; created.
+        name: metric name, the files' prefix.
+        values: (N cases, C classes) values; NaN or inf where undefined.
+        classes: the C class labels (column names).
+        filenames: the N cases' image files (default: their indices).
+    """
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    filenames = filenames if filenames is not None else [str(i) for i in range(len(values))]
+    case_means = [_mean(row) for row in values]
+    with open(Path(output_dir) / f"{name}_raw.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["filename", *classes, "mean"])
+        for file, row, mean in zip(filenames, values, case_means, strict=True):
+            writer.writerow([file, *(f"{v:.4f}" for v in row), _format(mean)])
+    columns = [*(values[:, i] for i in range(len(classes))), np.array(case_means, dtype=float)]
+    with open(Path(output_dir) / f"{name}_summary.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["class", *_STATISTICS, "defined"])
+        for label, column in zip([*classes, "mean"], columns, strict=True):
+            finite = column[np.isfinite(column)]
+            stats = [_format(float(op(finite)) if finite.size else None) for op in _STATISTICS.values()]
+            writer.writerow([label, *stats, finite.size])
+
+
+class EvaluationSummary:
+    """Ignite handler: writes `summary.json` and the per-case CSVs, and publishes per-class means as scalar metrics.
+
+    Per-class values are only in `engine.state.metric_details`, which `StatsHandler` and `MLFlowHandler` do not log.
+    At epoch completion this handler reads the per-case, per-class values ``metric_details[dice_metric]`` and
+    ``[hd_metric]`` (each (N cases, C classes)), adds ``<name>_<c>`` (c = 1..C) to ``engine.state.metrics`` and
+    writes::
 
         {"model_file", "num_cases", "mean_dice", "dice_per_class": {"1": ..}, "mean_hd95_mm", "hd95_mm_per_class",
          "hd95_undefined_per_class"}
 
-    Means are over cases (and classes for the overall ones) and skip undefined values: Dice is NaN where the label lacks
-    the class; HD95 is NaN or inf where the label or the prediction lacks it, counted in ``hd95_undefined_per_class``.
-    Values that are undefined for every case are null. Attach it before `MetricsSaver` and `MLFlowHandler` so that they
-    see the per-class metrics.
+    and, beside it, ``<metric>_raw.csv`` and ``<metric>_summary.csv`` for both metrics (`write_metric_csvs`) with the
+    same class labels as the JSON. Means are over cases (and classes for the overall ones) and skip undefined values:
+    Dice is NaN where the label lacks the class; HD95 is NaN or inf where the label or the prediction lacks it, counted
+    in ``hd95_undefined_per_class``. Values that are undefined for every case are null. Attach it before
+    `MLFlowHandler` so that it sees the per-class metrics. Case file names come from the image's metadata in
+    ``engine.state.output``.
 
     Args:
-        output_file: path of the JSON file; its folder is created.
+        output_file: path of the JSON file; its folder is created and holds the CSVs.
         model_file: the evaluated checkpoint, recorded in the summary.
         dice_metric: name of the Dice metric (with ``save_details``) in the evaluator.
         hd_metric: name of the HD95 metric (with ``save_details``) in the evaluator.
@@ -89,9 +147,18 @@ class EvaluationSummary:
         self.model_file = model_file
         self.dice_metric = dice_metric
         self.hd_metric = hd_metric
+        self._filenames: list[str] = []
 
     def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect_filenames)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def _reset(self, _engine: Engine) -> None:
+        self._filenames = []
+
+    def _collect_filenames(self, engine: Engine) -> None:
+        self._filenames += [str(item["image"].meta.get(ImageMetaKey.FILENAME_OR_OBJ)) for item in engine.state.output]
 
     def __call__(self, engine: Engine) -> dict:
         # (N cases, C classes), on the CPU whatever the evaluation device
@@ -115,6 +182,9 @@ class EvaluationSummary:
             engine.state.metrics[f"{self.hd_metric}_{c}"] = math.nan if hd_c is None else hd_c
         Path(self.output_file).parent.mkdir(parents=True, exist_ok=True)
         Path(self.output_file).write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
+        filenames = self._filenames if len(self._filenames) == len(dice) else None
+        for name, values in ((self.dice_metric, dice), (self.hd_metric, hd)):
+            write_metric_csvs(str(Path(self.output_file).parent), name, values, classes, filenames)
         # print, not logging: the engine loggers are silent in bundle runs.
         print(
             f"evaluation of {summary['num_cases']} cases: mean Dice {summary['mean_dice']}, "

@@ -17,7 +17,7 @@ from scripts.networks import FPN3d
 
 __all__ = [
     "LinearFPNHead",
-    "NonLinearFPNHead",
+    "FPNNonLinearHead",
     "SegmentationNet",
     "segmentation_network",
     "BackboneWarmup",
@@ -67,37 +67,61 @@ class LinearFPNHead(nn.Module):
         return x
 
 
-class NonLinearFPNHead(nn.Module):
-    """vox2vec's non-linear head: a decoder of 1x1x1 convolutions with residual blocks.
-
-    Per level a 1x1x1 lateral convolution to `hidden_channels`; coarse-to-fine ``x = upsample(x) + lateral(level)``,
-    then ``x = x + block(x)`` with block = BN, ReLU, 1x1x1 conv, BN, ReLU, 1x1x1 conv; finally a 1x1x1 convolution to
-    `num_classes`. Every operation is voxel-wise, so the head adds no spatial context beyond the backbone's.
+class _PointwiseResBlock(nn.Module):
+    """vox2vec's ``ResBlock3d(c, c, kernel_size=1)``: ``x + conv(relu(bn(conv(relu(bn(x))))))`` with 1x1x1 convs.
 
     Args:
-        in_channels: channels of each pyramid level, finest first (``FPN3d.out_channels``).
-        num_classes: number of output channels.
-        hidden_channels: width of the decoder.
+        channels: number of input and output channels.
     """
 
-    def __init__(self, in_channels: Sequence[int], num_classes: int, hidden_channels: int = 64) -> None:
+    def __init__(self, channels: int) -> None:
         super().__init__()
-        # Stored coarse to fine, the order they run in (TorchScript cannot iterate a ModuleList in reverse).
-        self.laterals = nn.ModuleList([nn.Conv3d(c, hidden_channels, kernel_size=1) for c in reversed(in_channels)])
-        self.blocks = nn.ModuleList(
+        self.layers = nn.Sequential(
+            nn.BatchNorm3d(channels),
+            nn.ReLU(),
+            nn.Conv3d(channels, channels, kernel_size=1),
+            nn.BatchNorm3d(channels),
+            nn.ReLU(),
+            nn.Conv3d(channels, channels, kernel_size=1),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, C, X, Y, Z) -> (B, C, X, Y, Z)."""
+        return self.layers(x) + x
+
+
+class FPNNonLinearHead(nn.Module):
+    """vox2vec's non-linear probe (``vox2vec.nn.fpn.FPNNonLinearHead``): a U-Net decoder of 1x1x1 convolutions that
+    keeps each pyramid level's own width.
+
+    ``x = bottom_block(level_{S-1})``; then for each finer level i (coarse to fine): ``x = up_blocks(x)`` (1x1x1 conv
+    from the width of level i+1 to that of level i, nearest x2 upsampling, cropped to level i), ``x += skip_blocks(
+    level_i)`` (1x1x1 conv), ``x = right_blocks(x)``; finally ``final_block`` (1x1x1 conv to `num_classes`). Blocks are
+    pre-activation residual blocks (BN, ReLU, 1x1x1 conv, BN, ReLU, 1x1x1 conv). Every operation is voxel-wise, so the
+    head adds no spatial context beyond the backbone's. Module and parameter names are vox2vec's, so a state dict of
+    its head loads with ``strict=True``.
+
+    Args:
+        in_channels: channels of each pyramid level, finest first (``FPN3d.out_channels``; vox2vec's
+            ``base_channels * 2**i``).
+        num_classes: number of output channels.
+    """
+
+    def __init__(self, in_channels: Sequence[int], num_classes: int) -> None:
+        super().__init__()
+        widths = list(in_channels)
+        # Stored coarse to fine, the order they run in, as in vox2vec.
+        fine_levels = range(len(widths) - 2, -1, -1)
+        self.bottom_block = _PointwiseResBlock(widths[-1])
+        self.up_blocks = nn.ModuleList(
             [
-                nn.Sequential(
-                    nn.BatchNorm3d(hidden_channels),
-                    nn.ReLU(),
-                    nn.Conv3d(hidden_channels, hidden_channels, kernel_size=1),
-                    nn.BatchNorm3d(hidden_channels),
-                    nn.ReLU(),
-                    nn.Conv3d(hidden_channels, hidden_channels, kernel_size=1),
-                )
-                for _ in in_channels
+                nn.Sequential(nn.Conv3d(widths[i + 1], widths[i], kernel_size=1), nn.Upsample(scale_factor=2.0))
+                for i in fine_levels
             ]
         )
-        self.final = nn.Conv3d(hidden_channels, num_classes, kernel_size=1)
+        self.skip_blocks = nn.ModuleList([nn.Conv3d(widths[i], widths[i], kernel_size=1) for i in fine_levels])
+        self.right_blocks = nn.ModuleList([_PointwiseResBlock(widths[i]) for i in fine_levels])
+        self.final_block = nn.Conv3d(widths[0], num_classes, kernel_size=1)
 
     def forward(self, pyramid: list[Tensor]) -> Tensor:
         """
@@ -107,15 +131,12 @@ class NonLinearFPNHead(nn.Module):
         Returns:
             (B, num_classes, X, Y, Z) logits at the finest level's size.
         """
-        x: Tensor | None = None
-        for i, (lateral, block) in enumerate(zip(self.laterals, self.blocks, strict=True)):
-            level = pyramid[len(pyramid) - 1 - i]
-            y = lateral(level)
-            if x is not None:
-                y = _upsample_to(x, y) + y
-            x = y + block(y)
-        assert x is not None, "empty pyramid"
-        return self.final(x)
+        x = self.bottom_block(pyramid[-1])
+        for i, (up, skip, right) in enumerate(zip(self.up_blocks, self.skip_blocks, self.right_blocks, strict=True)):
+            level = pyramid[len(pyramid) - 2 - i]
+            x = up(x)[:, :, : level.shape[2], : level.shape[3], : level.shape[4]]  # ceil-mode pooling: crop
+            x = right(x + skip(level))
+        return self.final_block(x)
 
 
 class SegmentationNet(nn.Module):
@@ -172,7 +193,6 @@ def segmentation_network(
     num_scales: int = 5,
     head: str = "linear",
     pretrained_ckpt: str | None = None,
-    hidden_channels: int = 64,
 ) -> SegmentationNet:
     """Builds the segmentation network for one input channel, from scratch or from a pretrained backbone.
 
@@ -180,10 +200,9 @@ def segmentation_network(
         num_classes: number of output channels (one sigmoid per class).
         base_channels: channels of the finest pyramid level (DHR 32, vox2vec 16).
         num_scales: number of pyramid levels (DHR 5, vox2vec 6).
-        head: ``"linear"`` (`LinearFPNHead`) or ``"nonlinear"`` (`NonLinearFPNHead`).
+        head: ``"linear"`` (`LinearFPNHead`) or ``"nonlinear"`` (vox2vec's `FPNNonLinearHead`).
         pretrained_ckpt: backbone checkpoint in any form `scripts.import_weights.load_backbone` accepts; None trains
             from scratch.
-        hidden_channels: width of the non-linear head; unused by the linear one.
 
     Raises:
         ValueError: for an unknown `head`, or a checkpoint that does not fit (the message names the file).
@@ -195,13 +214,13 @@ def segmentation_network(
     backbone = FPN3d(1, base_channels, num_scales)
     if pretrained_ckpt is not None:
         load_backbone(pretrained_ckpt, backbone)
+        # print, not logging: the engine loggers are silent in bundle runs, and this choice must be visible. (Without a
+        # checkpoint, the workflow says what it starts from: random weights to train, or a trained model_file.)
+        print(f"segmentation network: FPN3d(1, {base_channels}, {num_scales}) backbone loaded from {pretrained_ckpt}")
     if head == "linear":
         head_module: nn.Module = LinearFPNHead(backbone.out_channels, num_classes)
     else:
-        head_module = NonLinearFPNHead(backbone.out_channels, num_classes, hidden_channels)
-    source = "from scratch (random initialisation)" if pretrained_ckpt is None else f"loaded from {pretrained_ckpt}"
-    # print, not logging: the engine loggers are silent in bundle runs, and this choice must be visible.
-    print(f"segmentation network: FPN3d(1, {base_channels}, {num_scales}) backbone {source}, {head} head")
+        head_module = FPNNonLinearHead(backbone.out_channels, num_classes)
     return SegmentationNet(backbone, head_module)
 
 

@@ -17,6 +17,7 @@ import numpy as np
 from monai.utils import ensure_tuple
 
 from scripts.data import _NIFTI_SUFFIXES, load_datalist
+from scripts.errors import BundleError
 
 __all__ = ["check_labels", "labelled_datalist", "split_cases"]
 
@@ -144,83 +145,121 @@ def split_cases(
 ) -> dict[str, list[dict]]:
     """Deterministic label-budget and fold selection.
 
-    The `training` cases are shuffled once by `np.random.default_rng(seed)`. Then:
+    The `training` cases are shuffled once by `np.random.default_rng(seed)` and cut into `num_folds` near-equal
+    consecutive folds. Then:
 
-    - test: the datalist's `test` list if non-empty; otherwise the shuffled cases are cut into `num_folds` near-equal
-      consecutive folds and fold `fold` is the test set;
-    - validation: the datalist's `validation` list if non-empty; otherwise the first `num_val_cases` of the remaining
-      shuffled cases;
-    - training: the first `num_train_cases` of what remains (None or 0: all of it), in the shuffled order, so that for
-      one fold and seed the budgets are nested (the 2-case set contains the 1-case set).
+    - test: without a `test` list in the datalist, fold `fold` is the test set and the other folds, in shuffled order,
+      are the pool; with one, that list is the test set and the pool is every shuffled case, starting at fold `fold`
+      (a rotation), so that each fold draws its budgets from a different part of `training`;
+    - validation: none when `num_val_cases` is 0; else the datalist's `validation` list if non-empty (outside the
+      budget), else the first `num_val_cases` cases of the pool (inside the budget);
+    - training: the rest of the first `num_train_cases` cases of the pool (None or 0: all of the pool).
 
-    The result depends on the order of `training` (sorted by file name for folders, as listed for JSON).
+    A budget is therefore the number of labelled scans used in all: training plus the validation cases taken from the
+    pool. For one fold and seed the budgets are nested (the 4-case set contains the 2-case set) and share their
+    validation cases. The result depends on the order of `training` (sorted by file name for folders, as listed for
+    JSON).
 
     Args:
         datalist: `{"training": [...], "validation": [...], "test": [...]}` as `labelled_datalist` returns.
-        num_train_cases: label budget: how many cases to train on.
-        fold: which fold is the test set, in `[0, num_folds)`.
-        num_folds: number of folds of `training` (at least 2) when the datalist has no `test` list.
-        num_val_cases: validation cases taken from `training` when the datalist has no `validation` list.
+        num_train_cases: label budget: how many labelled cases to use, validation cases from the pool included.
+        fold: which fold is the test set (or where the pool starts, with a `test` list), in `[0, num_folds)`.
+        num_folds: number of folds of `training` (at least 2 without a `test` list).
+        num_val_cases: validation cases; 0 turns validation off (the workflows then keep the final weights).
         seed: seed of the shuffle.
 
     Returns:
         `{"training", "validation", "test"}` lists of (copied) items that share no case.
 
     Raises:
-        ValueError: a bad `fold`, `num_folds`, `num_val_cases` or `num_train_cases` (named with the cases available),
-            too few cases for the folds, or a case listed twice in `datalist`.
+        BundleError: a bad `fold`, `num_folds`, `num_val_cases` or `num_train_cases` (named with the cases available),
+            too few cases for the folds.
+        ValueError: a case listed twice in `datalist`.
     """
     _check_disjoint(datalist, "passed to split_cases")
     cases = list(datalist.get("training") or [])
     user_val, user_test = list(datalist.get("validation") or []), list(datalist.get("test") or [])
     if not 0 <= fold < num_folds:
-        raise ValueError(f"fold={fold} is not in [0, num_folds={num_folds}).")
+        raise BundleError(f"fold={fold} is not in [0, num_folds={num_folds}): set `fold` or `num_folds`.")
     if num_val_cases < 0 or (num_train_cases is not None and num_train_cases < 0):
-        raise ValueError(f"num_val_cases={num_val_cases} and num_train_cases={num_train_cases} must not be negative.")
+        raise BundleError(f"num_val_cases={num_val_cases} and num_train_cases={num_train_cases} must not be negative.")
     if not cases:
-        raise ValueError("The datalist has no 'training' cases to split.")
+        raise BundleError("The datalist has no 'training' cases to split.")
+    if not user_test and num_folds < 2:
+        raise BundleError(f"num_folds={num_folds}: k-fold testing needs at least 2 folds (or a 'test' list).")
+    if len(cases) < num_folds and (fold > 0 or not user_test):
+        raise BundleError(
+            f"{len(cases)} 'training' cases are too few for num_folds={num_folds}: lower `num_folds`."
+            + (" (With a 'test' list, folds choose where the budgets start in 'training'.)" if user_test else "")
+        )
 
     order = np.random.default_rng(seed).permutation(len(cases))
     shuffled = [cases[i] for i in order]
+    bounds = np.linspace(0, len(cases), num_folds + 1).round().astype(int)  # fold sizes differ by at most 1
+    start, stop = bounds[fold], bounds[fold + 1]
     if user_test:
-        test, rest = user_test, shuffled
+        test, pool = user_test, shuffled[start:] + shuffled[:start]
     else:
-        if num_folds < 2:
-            raise ValueError(f"num_folds={num_folds}: k-fold testing needs at least 2 folds (or a 'test' list).")
-        if len(cases) < num_folds:
-            raise ValueError(f"{len(cases)} 'training' cases are too few for num_folds={num_folds}.")
-        bounds = np.linspace(0, len(cases), num_folds + 1).round().astype(int)  # fold sizes differ by at most 1
-        start, stop = bounds[fold], bounds[fold + 1]
-        test, rest = shuffled[start:stop], shuffled[:start] + shuffled[stop:]
-
-    if user_val:
-        validation = user_val
-    else:
-        if num_val_cases > len(rest):
-            raise ValueError(
-                f"num_val_cases={num_val_cases} but only {len(rest)} cases remain outside the test set of fold {fold}."
-            )
-        validation, rest = rest[:num_val_cases], rest[num_val_cases:]
-
-    if num_train_cases and num_train_cases > len(rest):
-        raise ValueError(
-            f"num_train_cases={num_train_cases} but only {len(rest)} cases are available for training in fold {fold} "
-            f"of num_folds={num_folds} ({len(cases)} 'training' cases, {len(test)} test, {len(validation)} validation)."
+        test, pool = shuffled[start:stop], shuffled[:start] + shuffled[stop:]
+    if num_train_cases and num_train_cases > len(pool):
+        raise BundleError(
+            f"num_train_cases={num_train_cases} but only {len(pool)} cases are available in fold {fold} of "
+            f"num_folds={num_folds} ({len(cases)} 'training' cases, {len(test)} test): lower the budget."
         )
-    training = rest[:num_train_cases] if num_train_cases else rest
-    if not training:
-        raise ValueError(f"No cases are left for training in fold {fold} ({len(cases)} 'training' cases in all).")
+    budget = pool[:num_train_cases] if num_train_cases else pool
+
+    if num_val_cases == 0:
+        validation, training = [], budget
+    elif user_val:
+        validation, training = user_val, budget
+    elif num_val_cases >= len(budget):
+        raise BundleError(
+            f"num_train_cases={num_train_cases or len(budget)} labelled cases leave none for training once "
+            f"num_val_cases={num_val_cases} of them validate (fold {fold}): set `num_val_cases` 0 to train on all of "
+            "them and keep the final weights, or give a larger budget."
+        )
+    else:
+        validation, training = budget[:num_val_cases], budget[num_val_cases:]
     return {k: [dict(i) for i in v] for k, v in (("training", training), ("validation", validation), ("test", test))}
 
 
-def _label_problems(item: dict, num_classes: int) -> list[str]:
-    """What is wrong with one item's label (empty if nothing), reading headers first and the label data once."""
-    image_file, label_file = _first(item["image"]), _first(item["label"])
+def read_volume(file: str, kind: str = "image") -> tuple[nib.spatialimages.SpatialImage | None, np.ndarray | None, str]:
+    """Reads a NIfTI file in full (a truncated file fails only when its data are read) and checks that it is 3D.
+
+    Args:
+        file: path of the file.
+        kind: what the file is ("image", "label"), for the message.
+
+    Returns:
+        `(image, data, problem)`: the nibabel image and its data array, and "" when the file is usable; otherwise
+        None, None and one line naming the file and what is wrong with it.
+    """
     try:
-        image, label = nib.load(image_file), nib.load(label_file)
-    except Exception as e:  # a missing or corrupt file is one more problem to report with the others
-        return [f"cannot read image {image_file} or label {label_file}: {type(e).__name__}: {e}"]
-    problems = []
+        volume = nib.load(file)
+        data = np.asanyarray(volume.dataobj)
+    except Exception as e:  # missing, corrupt or truncated: one more problem to report with the others
+        return None, None, f"cannot read {kind} {file}: {type(e).__name__}: {e}"
+    # (X, Y, Z) or (X, Y, Z, C); a single slice (X, Y, 1) is a 2D image too.
+    if len(volume.shape) < 3 or min(volume.shape[:3]) < 2:
+        return None, None, f"{kind} {file} has shape {volume.shape}: a 3D volume is required"
+    return volume, data, ""
+
+
+def _label_problems(item: dict, num_classes: int) -> tuple[list[str], bool]:
+    """What is wrong with one item (empty if nothing), and whether its label has foreground voxels.
+
+    Reads every image file and the label in full, so that truncated files are found before any training."""
+    problems, image = [], None
+    for file in ensure_tuple(item["image"]):
+        image_or_none, _, problem = read_volume(str(file), "image")
+        problems += [problem] if problem else []
+        if str(file) == _first(item["image"]):
+            image = image_or_none
+    label, data, problem = read_volume(_first(item["label"]), "label")
+    problems += [problem] if problem else []
+    if image is None or label is None:
+        return problems, False
+    image_file, label_file = _first(item["image"]), _first(item["label"])
     # A multi-channel image is (X, Y, Z, C); a label may carry trailing singleton dimensions.
     if label.shape[:3] != image.shape[:3] or any(s != 1 for s in label.shape[3:]):
         problems.append(
@@ -232,7 +271,6 @@ def _label_problems(item: dict, num_classes: int) -> list[str]:
             f"label {label_file} and image {image_file} have different affines (up to {difference:.4g} mm apart): "
             f"{np.array2string(label.affine, precision=4)} vs {np.array2string(image.affine, precision=4)}"
         )
-    data = np.asanyarray(label.dataobj)
     bad = (data < 0) | (data > num_classes)
     if not np.issubdtype(data.dtype, np.integer):
         bad |= data != np.round(data)  # also catches NaN
@@ -244,32 +282,41 @@ def _label_problems(item: dict, num_classes: int) -> list[str]:
             f"label {label_file} has {len(values)} unexpected value(s) [{shown}]: expected integers 0..{num_classes} "
             f"(background 0 plus `num_classes`={num_classes} foreground classes)"
         )
-    return problems
+    return problems, bool((data >= 1).any())
 
 
-def check_labels(items: list[dict], num_classes: int) -> None:
+def check_labels(items: list[dict], num_classes: int, require_foreground: bool = False) -> None:
     """Checks labelled items before training or evaluation, reading the NIfTI files with nibabel.
 
-    Each label must have its image's spatial shape and affine (within 1e-3 mm) and hold only the integers
-    `0..num_classes` (background 0 plus `num_classes` foreground classes). Only headers and the label data are read.
+    Every image and label must be readable in full and 3D; each label must have its image's spatial shape and affine
+    (within 1e-3 mm) and hold only the integers `0..num_classes` (background 0 plus `num_classes` foreground classes).
 
     Args:
-        items: `{"image", "label"}` datalist items (each a path or a list of per-channel paths; the first is checked).
+        items: `{"image", "label"}` datalist items (each a path or a list of per-channel paths; the first is compared
+            with the label).
         num_classes: number of foreground classes.
+        require_foreground: also fail when no label of `items` has a foreground voxel (training cannot learn a class).
 
     Raises:
-        ValueError: one error listing every problem of every item, naming the files (both, for a shape or affine
+        BundleError: one error listing every problem of every item, naming the files (both, for a shape or affine
             mismatch) and, for unexpected values, the values and the key `num_classes`.
     """
     if num_classes < 1:
-        raise ValueError(f"num_classes={num_classes}: segmentation needs at least one foreground class.")
+        raise BundleError(f"num_classes={num_classes}: segmentation needs at least one foreground class.")
     missing = [str(item.get("image")) for item in items if "label" not in item]
     problems = [f"image {image} has no 'label' in its datalist item" for image in missing]
+    any_foreground = False
     for item in items:
         if "label" in item:
-            problems += _label_problems(item, num_classes)
+            item_problems, foreground = _label_problems(item, num_classes)
+            problems += item_problems
+            any_foreground |= foreground
+    if require_foreground and items and not problems and not any_foreground:
+        labels = ", ".join(_first(item["label"]) for item in items)
+        problems.append(f"every training label is all background (0), so no class can be learnt: {labels}")
     if problems:
-        raise ValueError(
-            f"{len(problems)} label problem(s) in {len(items)} items; fix the data or `num_classes`:\n"
-            + "\n".join(problems)
+        # one line: a BundleError ends stderr as the single line "error: <message>"
+        raise BundleError(
+            f"{len(problems)} label problem(s) in {len(items)} items; fix the data or `num_classes`: "
+            + "; ".join(problems)
         )

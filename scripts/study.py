@@ -8,10 +8,11 @@ Usage (from the bundle root)::
 Every cell of {from scratch, each pretrained backbone} x {linear evaluation, fine-tuning} x budgets x folds is one
 `train` run followed by one `evaluate` run of this bundle, in its own folder
 ``<output_dir>/<init>/<mode>/n<budget>_f<fold>``
-with its log. Arguments after ``--`` go to every run (e.g. shorter schedules). Finished cells (those with an
-``evaluation/summary.json``) are not run again, so an interrupted study resumes. The results go to
-``<output_dir>/results.csv`` (one row per cell) and ``<output_dir>/label_efficiency.png`` (mean and spread over folds,
-as Figure 1 of the DHR paper).
+with its log. A budget of n is n labelled scans in all: each cell trains on n cases without validation
+(``--num_val_cases 0``) and is evaluated with its final weights. Arguments after ``--`` go to every run (e.g. shorter
+schedules). Finished cells (those with an ``evaluation/summary.json``) are not run again, so an interrupted study
+resumes. The results go to ``<output_dir>/results.csv`` (one row per cell) and ``<output_dir>/label_efficiency.png``
+(mean and spread over folds, as Figure 1 of the DHR paper).
 """
 
 from __future__ import annotations
@@ -76,6 +77,8 @@ def run_cell(cell: Cell, root: Path, extra: Sequence[str] = (), warmup_epochs: i
         "output_dir": str(folder),
         "model_file": str(folder / "model.pt"),
         "num_train_cases": str(cell.budget),
+        # A budget of n is n labelled scans in all: none is set aside to pick a checkpoint; the final weights count.
+        "num_val_cases": "0",
         "fold": str(cell.fold),
         "pretrained_ckpt": str(cell.checkpoint) if cell.checkpoint else "None",
     }

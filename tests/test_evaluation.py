@@ -2,6 +2,7 @@
 
 import csv
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 
 from scripts.evaluation import EvaluationSummary, HausdorffDistanceMM
+from scripts.networks import FPN3d
 from scripts.segmentation import segmentation_network
 from scripts.splits import labelled_datalist, split_cases
 
@@ -59,12 +61,36 @@ def write_controlled_cases(folder: Path) -> None:
     (folder / "dataset.json").write_text(json.dumps({"training": items[:3], "test": items[3:]}))
 
 
+def hand_masks() -> list[tuple[np.ndarray, np.ndarray]]:
+    """(prediction, label) masks of classes 1 and 2 by the validation rule: each class's own sigmoid > 0.5, so the
+    600-intensity region, above 0.5 for both classes, belongs to both."""
+    masks = []
+    for pred_region, label_region in ((PRED_1, LABEL_1), (PRED_2, LABEL_2)):
+        pred, label = np.zeros(SHAPE, bool), np.zeros(SHAPE, bool)
+        pred[pred_region] = pred[BOTH] = True
+        label[label_region] = True
+        masks.append((pred, label))
+    return masks
+
+
 def hand_dice() -> list[float]:
-    """Dice of classes 1 and 2 by voxel counting, with the rule: the most probable class above 0.5, else background."""
-    pred, label = np.zeros(SHAPE, int), np.zeros(SHAPE, int)
-    pred[PRED_1], pred[PRED_2], pred[BOTH] = 1, 2, 2
-    label[LABEL_1], label[LABEL_2] = 1, 2
-    return [2 * ((pred == c) & (label == c)).sum() / ((pred == c).sum() + (label == c).sum()) for c in (1, 2)]
+    return [2 * (pred & label).sum() / (pred.sum() + label.sum()) for pred, label in hand_masks()]
+
+
+def hand_hd95(spacing: np.ndarray) -> list[float]:
+    """HD95 in mm by brute force over surface voxels (mask minus its erosion): the larger of the two directed 95th
+    percentiles of the distances from one surface to the nearest voxel of the other."""
+    from scipy.ndimage import binary_erosion
+
+    def surface(mask: np.ndarray) -> np.ndarray:
+        return np.argwhere(mask & ~binary_erosion(mask)) * spacing
+
+    result = []
+    for pred, label in hand_masks():
+        a, b = surface(pred), surface(label)
+        distances = np.linalg.norm(a[:, None] - b[None], axis=-1)
+        result.append(max(np.percentile(distances.min(1), 95), np.percentile(distances.min(0), 95)))
+    return result
 
 
 def test_dice_and_hd95_on_the_original_grid_match_hand_computations(tmp_path):
@@ -88,13 +114,13 @@ def test_dice_and_hd95_on_the_original_grid_match_hand_computations(tmp_path):
     parser.get_parsed_content("evaluator").run()
 
     expected = hand_dice()
-    assert expected == pytest.approx([0.75, 576 / 624])
+    assert expected == pytest.approx([0.6, 576 / 624])  # class 1 also holds the region where both are above 0.5
     out = tmp_path / "out/evaluation"
     with open(out / "dice_raw.csv") as f:
         rows = list(csv.DictReader(f))
     assert [Path(r["filename"]).name for r in rows] == ["image_3.nii.gz", "image_4.nii.gz"]
     for row in rows:
-        assert [float(row["class0"]), float(row["class1"])] == pytest.approx(expected, abs=1e-4)
+        assert [float(row["1"]), float(row["2"])] == pytest.approx(expected, abs=1e-4)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["num_cases"] == 2
     assert summary["model_file"] == str(tmp_path / "model.pt")
@@ -102,7 +128,7 @@ def test_dice_and_hd95_on_the_original_grid_match_hand_computations(tmp_path):
     assert summary["mean_dice"] == pytest.approx(np.mean(expected))
     # Class 2's prediction overshoots the label by exactly one 1.5 mm slice: its HD95 is 1.5 mm, not 1 voxel.
     assert summary["hd95_mm_per_class"]["2"] == pytest.approx(1.5)
-    assert summary["hd95_mm_per_class"]["1"] == pytest.approx(3.0)  # shifted by 2 voxels along x
+    assert list(summary["hd95_mm_per_class"].values()) == pytest.approx(hand_hd95(np.full(3, 1.5)), abs=1e-3)
     assert summary["hd95_undefined_per_class"] == {"1": 0, "2": 0}
     assert len(list((out / "overlays").glob("*.png"))) == 2
 
@@ -153,17 +179,27 @@ def labelled(tmp_path_factory):
 
 
 def test_evaluate_writes_per_case_csv_summary_overlays_and_logs_to_mlflow(labelled):
-    result = run_evaluate(labelled, "--tracking", "mlflow", model_file=str(labelled / "model.pt"))
+    # The study passes its pretrained_ckpt to evaluation too: every weight must still come from model_file.
+    torch.save(FPN3d(1, 4, 3).state_dict(), labelled / "backbone.pt")
+    model_file, backbone = str(labelled / "model.pt"), str(labelled / "backbone.pt")
+    result = run_evaluate(labelled, "--tracking", "mlflow", model_file=model_file, pretrained_ckpt=backbone)
     assert result.returncode == 0, result.stderr[-4000:]
+    assert f"Evaluating the trained model {model_file}" in result.stdout
+    assert "from scratch" not in result.stdout and "loaded from" not in result.stdout
+    # The random model predicts some classes nowhere: undefined values must not make numpy or MONAI warn.
+    for warning in ("always_return_as_numpy", "Mean of empty slice", "All-NaN slice", "Degrees of freedom"):
+        assert warning not in result.stderr, result.stderr[-4000:]
     test_cases = split_cases(labelled_datalist(labelled / "data"), None, 0, 2, 1, 0)["test"]
     out = labelled / "out/evaluation"
-    for name in ("dice_raw.csv", "hd95_raw.csv"):
-        with open(out / name) as f:
-            rows = list(csv.DictReader(f))
-        assert sorted(r["filename"] for r in rows) == sorted(c["image"] for c in test_cases)
-        assert set(rows[0]) == {"filename", "class0", "class1", "mean"}
     summary = json.loads((out / "summary.json").read_text())
     assert summary["num_cases"] == len(test_cases) and set(summary["dice_per_class"]) == {"1", "2"}
+    for name in ("dice", "hd95"):
+        with open(out / f"{name}_raw.csv") as f:
+            rows = list(csv.DictReader(f))
+        assert sorted(r["filename"] for r in rows) == sorted(c["image"] for c in test_cases)
+        assert list(rows[0]) == ["filename", *summary["dice_per_class"], "mean"]  # the class labels of summary.json
+        with open(out / f"{name}_summary.csv") as f:
+            assert [r["class"] for r in csv.DictReader(f)] == [*summary["dice_per_class"], "mean"]
     assert len(list((out / "overlays").glob("*.png"))) == min(3, len(test_cases))
 
     from mlflow.tracking import MlflowClient
@@ -174,6 +210,18 @@ def test_evaluate_writes_per_case_csv_summary_overlays_and_logs_to_mlflow(labell
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"summary.json", "dice_raw.csv", "hd95_raw.csv"} <= artifacts
     assert any(a.endswith(".png") for a in artifacts)
+
+
+def test_a_truncated_test_image_stops_evaluation_with_its_name(labelled, tmp_path):
+    shutil.copytree(labelled / "data", tmp_path / "data")
+    (case,) = split_cases(labelled_datalist(tmp_path / "data"), None, 0, 5, 1, 0)["test"]
+    image = Path(case["image"])
+    image.write_bytes(image.read_bytes()[:-200])
+    keys = {"model_file": str(labelled / "model.pt"), "num_folds": "5"}
+    result = run_evaluate(tmp_path, **keys)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1].startswith("error: 1 label problem(s) in 1 items; fix the data")
+    assert f"cannot read image {image}" in result.stderr
 
 
 def test_missing_model_file_stops_with_its_name(labelled):

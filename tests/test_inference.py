@@ -88,6 +88,8 @@ def test_bundle_run_writes_masks_with_the_input_shape_and_affine(images):
     keys = {**TINY, "dataset_dir": tmp / "images", "output_dir": tmp / "out", "model_file": tmp / "model.pt"}
     result = monai_bundle_run(None, "configs/inference.json", {k: str(v).replace(" ", "") for k, v in keys.items()})
     assert result.returncode == 0, result.stderr[-4000:]
+    assert f"Segmenting 2 images with the trained model {tmp / 'model.pt'}" in result.stdout
+    assert "from scratch" not in result.stdout
     for name in ("first.nii.gz", "second.nii"):
         source = nib.load(tmp / "images" / name)
         mask = nib.load(tmp / "out" / (name.split(".")[0] + "_seg.nii.gz"))
@@ -174,3 +176,37 @@ def test_network_def_returns_one_tensor_and_is_scriptable():
         scripted = torch.jit.script(net)(x)
     assert isinstance(out, torch.Tensor) and out.shape == (1, 2, 16, 16, 8)
     torch.testing.assert_close(scripted, out)
+
+
+def _infer(images: Path, output_dir: Path, model_file: Path):
+    keys = {**TINY, "dataset_dir": images, "output_dir": output_dir, "model_file": model_file}
+    return monai_bundle_run(None, "configs/inference.json", {k: str(v).replace(" ", "") for k, v in keys.items()})
+
+
+@pytest.mark.parametrize("output", [".", "masks"])
+def test_a_second_run_into_the_input_folder_does_not_segment_its_own_masks(images, tmp_path, output):
+    tmp, _ = images
+    shutil.copytree(tmp / "images", tmp_path / "images")
+    for run in range(2):
+        result = _infer(tmp_path / "images", tmp_path / "images" / output, tmp / "model.pt")
+        assert result.returncode == 0, result.stderr[-4000:]
+        assert "Segmenting 2 images" in result.stdout, f"run {run + 1}"
+    written = sorted(p.name for p in (tmp_path / "images" / output).glob("*_seg.nii.gz"))
+    assert written == ["first_seg.nii.gz", "second_seg.nii.gz"]
+
+
+def test_unusable_inputs_are_reported_together_after_the_usable_ones_are_segmented(images, tmp_path):
+    tmp, _ = images
+    folder = tmp_path / "images"
+    shutil.copytree(tmp / "images", folder)
+    truncated = folder / "first.nii.gz"
+    truncated.write_bytes(truncated.read_bytes()[:-200])  # comes first: a run that stops at it segments nothing
+    flat = folder / "flat.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((20, 26), np.float32), AFFINE), flat)
+    result = _infer(folder, tmp_path / "out", tmp / "model.pt")
+    assert result.returncode != 0
+    assert (tmp_path / "out/second_seg.nii.gz").is_file()  # the readable image was segmented
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: 2 input file(s) were not segmented")
+    assert f"cannot read image {truncated}" in last
+    assert f"image {flat} has shape (20, 26): a 3D volume is required" in last

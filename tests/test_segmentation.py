@@ -9,8 +9,8 @@ from monai.engines import SupervisedTrainer
 from scripts.networks import FPN3d
 from scripts.segmentation import (
     BackboneWarmup,
+    FPNNonLinearHead,
     LinearFPNHead,
-    NonLinearFPNHead,
     SegmentationNet,
     segmentation_network,
 )
@@ -33,7 +33,7 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 @pytest.mark.parametrize("head", ["linear", "nonlinear"])
 @pytest.mark.parametrize("size", [(8, 8, 4), (9, 6, 5)])
 def test_output_shape(head, size):
-    net = segmentation_network(3, 2, 3, head=head, hidden_channels=4)
+    net = segmentation_network(3, 2, 3, head=head)
     assert net(torch.rand(2, 1, *size)).shape == (2, 3, *size)
 
 
@@ -58,7 +58,7 @@ def test_linear_head_matches_hand_computation(size):
 
 def test_nonlinear_head_is_voxelwise():
     torch.manual_seed(0)
-    head = NonLinearFPNHead([2, 3], 4, hidden_channels=5).eval()
+    head = FPNNonLinearHead([2, 3], 4).eval()
     fine, coarse = torch.randn(1, 2, 2, 2, 2), torch.randn(1, 3, 1, 1, 1)
     out = head([fine, coarse])
     # Changing one fine voxel changes that output voxel only.
@@ -66,6 +66,26 @@ def test_nonlinear_head_is_voxelwise():
     fine2[0, :, 1, 0, 1] += 1.0
     changed = (head([fine2, coarse]) != out).any(dim=1)[0]
     assert changed.nonzero().tolist() == [[1, 0, 1]]
+
+
+def test_nonlinear_head_is_vox2vecs_fpn_nonlinear_head():
+    # vox2vec.nn.fpn.FPNNonLinearHead(base_channels=4, num_scales=3, num_classes=2): per-level widths 4, 8, 16,
+    # modules stored coarse to fine, residual blocks BN(0) ReLU(1) conv(2) BN(3) ReLU(4) conv(5).
+    def block(prefix: str, c: int) -> dict:
+        statistics = ("weight", "bias", "running_mean", "running_var")
+        shapes = {f"{prefix}.layers.{k}.{n}": (c,) for k in (0, 3) for n in statistics}
+        shapes |= {f"{prefix}.layers.{k}.num_batches_tracked": () for k in (0, 3)}
+        shapes |= {f"{prefix}.layers.{k}.weight": (c, c, 1, 1, 1) for k in (2, 5)}
+        return shapes | {f"{prefix}.layers.{k}.bias": (c,) for k in (2, 5)}
+
+    expected = block("bottom_block", 16) | block("right_blocks.0", 8) | block("right_blocks.1", 4)
+    for i, (c_in, c) in enumerate([(16, 8), (8, 4)]):
+        expected |= {f"up_blocks.{i}.0.weight": (c, c_in, 1, 1, 1), f"up_blocks.{i}.0.bias": (c,)}
+        expected |= {f"skip_blocks.{i}.weight": (c, c, 1, 1, 1), f"skip_blocks.{i}.bias": (c,)}
+    expected |= {"final_block.weight": (2, 4, 1, 1, 1), "final_block.bias": (2,)}
+    head = segmentation_network(2, 4, 3, head="nonlinear").head
+    assert isinstance(head, FPNNonLinearHead)
+    assert {k: tuple(v.shape) for k, v in head.state_dict().items()} == expected
 
 
 def test_freeze_backbone():
@@ -152,7 +172,7 @@ def test_pretrained_checkpoint(tmp_path, capsys):
     assert _same(_state(source), _state(net.backbone))
     assert f"loaded from {path}" in capsys.readouterr().out
     segmentation_network(2, 4, 3)
-    assert "from scratch" in capsys.readouterr().out
+    assert capsys.readouterr().out == ""  # the workflow says what it starts from (train) or loads (evaluation)
 
     other = tmp_path / "other.pt"
     torch.save(FPN3d(1, 2, 2).state_dict(), other)
@@ -169,7 +189,7 @@ def test_bad_head():
 
 @pytest.mark.parametrize("head", ["linear", "nonlinear"])
 def test_torchscript_matches_eager(head):
-    net = segmentation_network(3, 4, 3, head=head, hidden_channels=4)
+    net = segmentation_network(3, 4, 3, head=head)
     net.freeze_backbone()  # Python-only state must not hinder scripting
     net.eval()
     scripted = _script(net)

@@ -6,6 +6,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from scripts.errors import BundleError
 from scripts.splits import check_labels, labelled_datalist, split_cases
 
 AFFINE = np.diag([2.0, 2.0, 3.0, 1.0])
@@ -118,11 +119,11 @@ def test_split_cases_folds_partition_without_leakage(n, num_folds):
         tested = []
         for fold in range(num_folds):
             previous = set()
-            for budget in (1, 2, 4, None):
+            for budget in (2, 3, 5, None):
                 split = split_cases({"training": cases}, budget, fold, num_folds, num_val_cases=1, seed=seed)
                 train, val, test = (_images(split[k]) for k in ("training", "validation", "test"))
                 assert not (train & test or val & test or train & val)
-                assert len(val) == 1 and len(train) == (budget or n - len(test) - 1)
+                assert len(val) == 1 and len(train) + len(val) == (budget or n - len(test))
                 assert train | val | test <= _images(cases)
                 assert previous <= train  # nested budgets
                 previous = train
@@ -136,6 +137,37 @@ def test_split_cases_is_deterministic():
     assert split_cases(cases, 2, 1, seed=3) == split_cases(cases, 2, 1, seed=3)
     assert split_cases(cases, 2, 1, seed=3) != split_cases(cases, 2, 1, seed=4)
     assert split_cases(cases, 0) == split_cases(cases, None)  # 0 and None both mean all
+
+
+def test_a_budget_counts_every_labelled_case_validation_included():
+    cases = {"training": _cases(12)}
+    for budget in (1, 2, 4):
+        split = split_cases(cases, budget, num_val_cases=0)
+        assert len(split["training"]) == budget and split["validation"] == []
+    for budget in (2, 4):
+        split = split_cases(cases, budget, num_val_cases=1)
+        assert len(split["training"]) + len(split["validation"]) == budget
+    # Validation cases come first in the pool: every budget of a fold validates on the same case.
+    assert split_cases(cases, 2)["validation"] == split_cases(cases, 4)["validation"]
+    with pytest.raises(BundleError, match="num_train_cases=1 labelled cases leave none for training.*num_val_cases"):
+        split_cases(cases, 1, num_val_cases=1)
+    # The datalist's own validation list is used as given, outside the budget; num_val_cases=0 switches it off.
+    extra = _cases(14)[12:]
+    assert split_cases({**cases, "validation": extra}, 2)["validation"] == extra
+    assert split_cases({**cases, "validation": extra}, 2, num_val_cases=0)["validation"] == []
+
+
+def test_with_a_test_list_each_fold_draws_its_budgets_from_another_part_of_training():
+    cases = _cases(9)
+    datalist = {"training": cases[:6], "test": cases[6:]}
+    splits = [split_cases(datalist, 2, fold, num_folds=3, num_val_cases=0, seed=5) for fold in range(3)]
+    assert all(split["test"] == cases[6:] for split in splits)
+    pools = [_images(split["training"]) for split in splits]
+    assert pools[0] | pools[1] | pools[2] == _images(cases[:6])  # 3 disjoint pairs: every case trains in one fold
+    # Nested within a fold.
+    assert _images(split_cases(datalist, 1, 2, num_val_cases=0, seed=5)["training"]) <= pools[2]
+    with pytest.raises(BundleError, match="too few for num_folds=7"):
+        split_cases(datalist, 1, 1, num_folds=7)
 
 
 def test_split_cases_user_lists():
@@ -158,16 +190,16 @@ def test_split_cases_user_lists():
 
 def test_split_cases_errors():
     cases = {"training": _cases(12)}
-    with pytest.raises(ValueError, match=re.escape("fold=3 is not in [0, num_folds=3)")):
+    with pytest.raises(BundleError, match=re.escape("fold=3 is not in [0, num_folds=3)")):
         split_cases(cases, fold=3)
-    with pytest.raises(ValueError, match="fold=-1"):
+    with pytest.raises(BundleError, match="fold=-1"):
         split_cases(cases, fold=-1)
-    # 12 cases, 3 folds: 4 test, 1 validation, 7 left.
-    with pytest.raises(ValueError, match="num_train_cases=8 but only 7 cases are available"):
-        split_cases(cases, 8)
-    with pytest.raises(ValueError, match="too few for num_folds=5"):
+    # 12 cases, 3 folds: 4 test, 8 left for the budget.
+    with pytest.raises(BundleError, match="num_train_cases=9 but only 8 cases are available"):
+        split_cases(cases, 9)
+    with pytest.raises(BundleError, match="too few for num_folds=5"):
         split_cases({"training": _cases(4)}, num_folds=5)
-    with pytest.raises(ValueError, match="num_val_cases=9"):
+    with pytest.raises(BundleError, match="num_val_cases=9"):
         split_cases(cases, num_val_cases=9)
 
 
@@ -197,7 +229,7 @@ def test_check_labels(tmp_path):
         "fraction": _pair(tmp_path, "fraction", np.full(SHAPE, 0.5, np.float32)),
     }
     for kind, item in bad.items():
-        with pytest.raises(ValueError) as error:
+        with pytest.raises(BundleError) as error:
             check_labels([item], 3)
         message = str(error.value)
         assert item["label"] in message
@@ -205,12 +237,32 @@ def test_check_labels(tmp_path):
             assert item["image"] in message and f"different {kind}s" in message
         else:
             assert "`num_classes`=3" in message
-    with pytest.raises(ValueError, match=r"2 unexpected value\(s\) \[4, 5\]"):
+    with pytest.raises(BundleError, match=r"2 unexpected value\(s\) \[4, 5\]"):
         check_labels([bad["classes"]], 3)
-    with pytest.raises(ValueError, match=r"\[0.5\]"):
+    with pytest.raises(BundleError, match=r"\[0.5\]"):
         check_labels([bad["fraction"]], 3)
 
     # All problems of all items in one error.
-    with pytest.raises(ValueError, match="^4 label problem") as error:
+    with pytest.raises(BundleError, match="^4 label problem") as error:
         check_labels([_pair(tmp_path, "ok", valid.astype(np.uint8)), *bad.values()], 3)
     assert all(item["label"] in str(error.value) for item in bad.values())
+
+
+def test_check_labels_reads_every_file_in_full_and_needs_3d_volumes_and_some_foreground(tmp_path):
+    valid = (np.arange(np.prod(SHAPE)).reshape(SHAPE) % 4).astype(np.uint8)
+    truncated = _pair(tmp_path, "truncated", valid)
+    data = Path(truncated["image"]).read_bytes()
+    Path(truncated["image"]).write_bytes(data[: len(data) // 2])  # the header reads; the data do not
+    flat = {"image": _save(tmp_path / "flat_img.nii.gz", np.ones((4, 5), np.float32)), "label": truncated["label"]}
+    with pytest.raises(BundleError) as error:
+        check_labels([truncated, flat], 3)
+    message = str(error.value)
+    assert f"cannot read image {truncated['image']}" in message
+    assert f"image {flat['image']} has shape (4, 5): a 3D volume is required" in message
+
+    empty = [_pair(tmp_path, f"empty{i}") for i in range(2)]
+    check_labels(empty, 3)  # all-background test or validation labels are legal
+    with pytest.raises(BundleError, match="all background") as error:
+        check_labels(empty, 3, require_foreground=True)
+    assert all(item["label"] in str(error.value) for item in empty)
+    check_labels([*empty, _pair(tmp_path, "some", valid)], 3, require_foreground=True)

@@ -73,6 +73,9 @@ def test_one_real_cell_trains_and_evaluates_through_the_bundle(tmp_path, monkeyp
     summary = study.run_cell(study.Cell("scratch", None, "finetune", 1, 0), tmp_path / "study", extra)
     assert 0.0 <= summary["mean_dice"] <= 1.0
     assert (tmp_path / "study/scratch/finetune/n1_f0/model.pt").is_file()
+    # A budget of 1 is one labelled scan in all: no extra validation case picks the checkpoint.
+    log = (tmp_path / "study/scratch/finetune/n1_f0/log.txt").read_text()
+    assert "Training on 1 cases; validating on 0" in log
 
 
 def test_warm_up_applies_to_fine_tuning_only(tmp_path, monkeypatch):

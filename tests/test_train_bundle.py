@@ -1,5 +1,6 @@
 """End to end: fine-tuning and linear evaluation through `python -m monai.bundle run` on tiny labelled volumes."""
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from bundle import monai_bundle_run
 
 from scripts.networks import FPN3d
 from scripts.segmentation import segmentation_network
+from scripts.splits import labelled_datalist, split_cases
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {
@@ -110,3 +112,68 @@ def test_missing_pretrained_file_is_named(labelled):
     result = run_bundle(labelled, pretrained_ckpt=str(labelled / "nowhere.pt"), output_dir=str(labelled / "bad2"))
     assert result.returncode != 0
     assert "nowhere.pt" in result.stderr
+
+
+def test_patches_are_class_balanced_from_labelled_volumes_cached_in_memory(tmp_path):
+    from monai.bundle import ConfigParser
+    from monai.utils import set_determinism
+
+    # One volume: a large organ (class 1, 16 x 16 x 8 voxels) and a tiny one (class 2, 2 x 2 x 2) far apart.
+    shape, affine = (48, 48, 24), np.diag([1.5, 1.5, 1.5, 1.0])
+    image = np.zeros(shape, np.float32)
+    image[2:-2, 2:-2, 2:-2] = 300 + 50 * np.random.default_rng(0).random((44, 44, 20))
+    label = np.zeros(shape, np.uint8)
+    label[6:22, 6:22, 4:12], label[38:40, 38:40, 16:18] = 1, 2
+    (tmp_path / "data").mkdir()
+    for name in ("training", "test"):
+        nib.save(nib.Nifti1Image(image, affine), tmp_path / f"data/{name}_img.nii.gz")
+        nib.save(nib.Nifti1Image(label, affine), tmp_path / f"data/{name}_lab.nii.gz")
+    datalist = {k: [{"image": f"{k}_img.nii.gz", "label": f"{k}_lab.nii.gz"}] for k in ("training", "test")}
+    (tmp_path / "data/dataset.json").write_text(json.dumps(datalist))
+
+    parser = ConfigParser()
+    parser.read_config(str(ROOT / "configs/train.yaml"))
+    keys = {"patch_size": [8, 8, 4], "num_classes": 2, "num_val_cases": 0, "num_workers": 0, "progress": False}
+    parser.update({**keys, "dataset_dir": str(tmp_path / "data"), "output_dir": str(tmp_path / "out")})
+    volumes, patches = parser.get_parsed_content("train#volumes"), parser.get_parsed_content("train#dataset")
+    assert volumes[0] is volumes[0], "the deterministic part is computed once and held in memory"
+    assert volumes[0]["label"].dtype == torch.uint8
+
+    set_determinism(seed=0)
+    draws = [patch["label"] for _ in range(200) for patch in patches[0]]  # (2, 8, 8, 4) foreground channels each
+    contains = torch.stack([channels.flatten(1).amax(1) for channels in draws]).mean(0)  # per class
+    # Each class is a patch centre with p = 0.25; by foreground voxels (RandCropByPosNegLabeld) the tiny organ would
+    # get 8 / 2056 of the foreground half, under 1% of the patches.
+    assert contains[1] > 0.18, f"tiny organ in {contains[1]:.1%} of the patches"
+    assert contains[1] > 0.5 * contains[0], f"large organ {contains[0]:.1%}, tiny organ {contains[1]:.1%}"
+
+
+def _last_line(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode != 0, result.stdout[-2000:]
+    return result.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("fault", ["truncated label", "truncated image", "2D image", "all background"])
+def test_bad_training_files_stop_before_training_with_their_names(tmp_path, fault):
+    write_cases(tmp_path / "data", count=3)
+    labels = sorted((tmp_path / "data/labelsTr").iterdir())
+    # The training case of fold 0 with 2 folds and no validation (the other cases test).
+    (case,) = split_cases(labelled_datalist(tmp_path / "data"), None, 0, 2, 0, 0)["training"]
+    images = [Path(case["image"])]
+    if fault != "all background":
+        labels = [Path(case["label"])]
+    if fault.startswith("truncated"):
+        file = labels[0] if fault == "truncated label" else images[0]
+        file.write_bytes(file.read_bytes()[:-200])  # gzip stream cut short: the header still reads
+        expected = [f"cannot read {fault.split()[1]} {file}"]
+    elif fault == "2D image":
+        nib.save(nib.Nifti1Image(np.ones((28, 26), np.float32), np.eye(4)), images[0])
+        expected = [f"image {images[0]} has shape (28, 26): a 3D volume is required"]
+    else:
+        for file in labels:
+            nib.save(nib.Nifti1Image(np.zeros((28, 26, 14), np.uint8), np.diag([1.5, 1.5, 1.5, 1.0])), file)
+        expected = ["all background", case["label"]]
+    result = run_bundle(tmp_path, num_folds="2", num_val_cases="0", epochs="1")
+    assert _last_line(result).startswith("error: ")
+    assert all(text in result.stderr for text in expected), result.stderr[-2000:]
+    assert "Training on" not in result.stdout  # found before anything was trained

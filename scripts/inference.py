@@ -1,0 +1,84 @@
+"""Input selection and bad-file reporting for `configs/inference.json`.
+
+Inference segments every usable image and reports the unusable ones together at the end, so that one bad scan in a
+folder of hundreds neither stops the others nor goes unnoticed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from monai.utils import ensure_tuple
+
+from scripts.data import load_datalist
+from scripts.errors import BundleError
+from scripts.splits import read_volume
+
+__all__ = ["check_inputs", "report_problems", "segmentation_inputs"]
+
+
+def segmentation_inputs(source: str, datalist_key: str, output_dir: str, postfix: str = "seg") -> list[dict]:
+    """The datalist items to segment: those of `source` but the masks this bundle writes.
+
+    A second run into the input folder, or into a folder below it, would otherwise segment its own masks
+    (``scan_seg_seg.nii.gz``). Left out are files named ``*_<postfix>.nii[.gz]`` and, when `output_dir` lies inside
+    the input folder, every file under `output_dir`. The items left out are counted in a printed line.
+
+    Args:
+        source: what `scripts.data.load_datalist` reads: a NIfTI folder, a folder with `dataset.json` or a datalist.
+        datalist_key: the list to read from a JSON datalist.
+        output_dir: where the masks are written.
+        postfix: the masks' name postfix (`SaveImaged`'s ``output_postfix``).
+
+    Raises:
+        BundleError: nothing is left to segment.
+    """
+    items = load_datalist(source, datalist_key)
+    output = Path(output_dir).expanduser().absolute()
+    source_dir = Path(source).expanduser().absolute()
+    source_dir = source_dir if source_dir.is_dir() else source_dir.parent
+    below = not source_dir.is_relative_to(output)  # output_dir is a separate folder, perhaps inside the inputs
+
+    def is_output(file: str) -> bool:
+        path = Path(file).expanduser().absolute()
+        return (below and path.is_relative_to(output)) or path.name.endswith((f"_{postfix}.nii.gz", f"_{postfix}.nii"))
+
+    kept = [item for item in items if not any(is_output(str(f)) for f in ensure_tuple(item["image"]))]
+    if len(kept) < len(items):
+        left_out = len(items) - len(kept)
+        print(f"Leaving out {left_out} file(s) that are this bundle's masks (*_{postfix}.nii[.gz] or under {output})")
+    if not kept:
+        raise BundleError(
+            f"No images to segment in {source}: all {len(items)} files are masks this bundle writes "
+            f"(*_{postfix}.nii[.gz] or under output_dir {output}); point `dataset_dir` at the scans."
+        )
+    return kept
+
+
+def check_inputs(items: list[dict]) -> dict[str, list]:
+    """Reads every image in full and sorts the items into usable ones and problems (truncated, unreadable, 2D).
+
+    Returns:
+        ``{"usable": [items], "problems": [one line per bad file, naming it]}``.
+    """
+    usable, problems = [], []
+    for item in items:
+        found = [read_volume(str(f), "image")[2] for f in ensure_tuple(item["image"])]
+        found = [p for p in found if p]
+        problems += found
+        if not found:
+            usable.append(item)
+    return {"usable": usable, "problems": problems}
+
+
+def report_problems(problems: list[str]) -> None:
+    """Ends the run with every unusable input named, after the usable ones were segmented.
+
+    Raises:
+        BundleError: when there is any problem; the message lists them (one line, as BundleError messages are).
+    """
+    if problems:
+        raise BundleError(
+            f"{len(problems)} input file(s) were not segmented; fix or remove them and run again: "
+            + "; ".join(problems)
+        )
