@@ -7,6 +7,7 @@ Everything else there is MONAI: `SupervisedEvaluator`, `SlidingWindowInferer`, `
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from pathlib import Path
@@ -24,6 +25,8 @@ from monai.transforms import Orientation
 from monai.utils import ImageMetaKey, convert_to_numpy, convert_to_tensor
 
 __all__ = ["EvaluationSummary", "HausdorffDistanceMM", "OverlayPlots", "channels_to_labels"]
+
+logger = logging.getLogger(__name__)
 
 # Class c (1-based) is drawn in colour c - 1 of this list, in overlays and contours alike.
 _COLOURS = ["tab:red", "tab:green", "tab:blue", "tab:orange", "tab:purple", "tab:cyan", "tab:olive", "tab:pink"]
@@ -115,8 +118,7 @@ class EvaluationSummary:
             engine.state.metrics[f"{self.hd_metric}_{c}"] = math.nan if hd_c is None else hd_c
         Path(self.output_file).parent.mkdir(parents=True, exist_ok=True)
         Path(self.output_file).write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
-        # print, not logging: the engine loggers are silent in bundle runs.
-        print(
+        logger.info(
             f"evaluation of {summary['num_cases']} cases: mean Dice {summary['mean_dice']}, "
             f"mean HD95 {summary['mean_hd95_mm']} mm; summary in {self.output_file}"
         )

@@ -11,13 +11,17 @@ stripped.
 """
 
 import argparse
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from scripts import log
 from scripts.networks import FPN3d
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["extract_backbone_state", "load_backbone", "main"]
 
@@ -99,6 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--base_channels", type=int, default=32, help="32 for DHR, 16 for vox2vec")
     parser.add_argument("--num_scales", type=int, default=5, help="5 for DHR, 6 for vox2vec")
     args = parser.parse_args(argv)
+    log.configure()
 
     try:
         backbone = load_backbone(args.src, FPN3d(1, args.base_channels, args.num_scales))
@@ -108,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     Path(args.dst).parent.mkdir(parents=True, exist_ok=True)
     torch.save(state, args.dst)
     num_parameters = sum(p.numel() for p in backbone.parameters())
-    print(
+    logger.info(
         f"saved {len(state)} tensors ({num_parameters:,} parameters) of FPN3d(1, {args.base_channels}, "
         f"{args.num_scales}) from {args.src} to {args.dst}"
     )

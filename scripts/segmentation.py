@@ -4,6 +4,7 @@ Linear evaluation trains a head on a frozen backbone; fine-tuning freezes the ba
 (`BackboneWarmup`), then trains everything. Outputs are per-class logits (sigmoid downstream, not softmax).
 """
 
+import logging
 from collections.abc import Sequence
 
 import torch
@@ -14,6 +15,8 @@ from torch import Tensor
 
 from scripts.import_weights import load_backbone
 from scripts.networks import FPN3d
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "LinearFPNHead",
@@ -200,8 +203,7 @@ def segmentation_network(
     else:
         head_module = NonLinearFPNHead(backbone.out_channels, num_classes, hidden_channels)
     source = "from scratch (random initialisation)" if pretrained_ckpt is None else f"loaded from {pretrained_ckpt}"
-    # print, not logging: the engine loggers are silent in bundle runs, and this choice must be visible.
-    print(f"segmentation network: FPN3d(1, {base_channels}, {num_scales}) backbone {source}, {head} head")
+    logger.info(f"segmentation network: FPN3d(1, {base_channels}, {num_scales}) backbone {source}, {head} head")
     return SegmentationNet(backbone, head_module)
 
 
@@ -238,9 +240,9 @@ class BackboneWarmup:
         self._frozen = frozen
         if frozen:
             last = min(self.warmup_epochs, engine.state.max_epochs or self.warmup_epochs)
-            print(f"epochs {epoch}-{last}: backbone frozen (no gradient, BatchNorm in eval mode)")
+            logger.info(f"epochs {epoch}-{last}: backbone frozen (no gradient, BatchNorm in eval mode)")
         else:
-            print(f"epoch {epoch}: backbone unfrozen, all parameters train")
+            logger.info(f"epoch {epoch}: backbone unfrozen, all parameters train")
 
 
 def probabilities_to_labels(probabilities: Tensor, threshold: float = 0.5) -> Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -24,6 +25,8 @@ __all__ = [
     "latest_checkpoint",
     "per_class_dice",
 ]
+
+logger = logging.getLogger(__name__)
 
 
 class SSLBatch:
@@ -143,7 +146,7 @@ class ExportBackbone:
         partial = self.path.with_suffix(".partial")
         torch.save(self.backbone.state_dict(), partial)
         os.replace(partial, self.path)
-        print(f"Exported the pretrained backbone to {self.path}")  # the engine logger is silent in bundle runs
+        logger.info(f"Exported the pretrained backbone to {self.path}")
 
 
 def latest_checkpoint(checkpoint_dir: str, pattern: str = r"checkpoint_iteration=(\d+)\.pt") -> str | None:
