@@ -187,7 +187,7 @@ def release(
     model: Path,
     backbone: Path | None = None,
     name: str = DEFAULT_NAME,
-    output_dir: Path = Path("release"),
+    output_dir: str | Path = "release",
     changelog: str | None = None,
 ) -> dict[str, Path]:
     """Writes the submission folder, the release zip and the weight files to upload; returns their paths.
@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", required=True, type=Path, help="segmentation weights (train.yaml's model_file)")
     parser.add_argument("--backbone", type=Path, help="pretrained backbone weights (pretraining's export)")
     parser.add_argument("--name", default=DEFAULT_NAME, help="bundle name: folder, zip and URL prefix")
-    parser.add_argument("--output_dir", default=Path("release"), type=Path)
+    parser.add_argument("--output_dir", default="release", type=Path)
     parser.add_argument("--changelog", help="changelog entry for --version, if configs/metadata.json has none")
     args = parser.parse_args(argv)
     log.configure()
