@@ -20,6 +20,7 @@ views.
 
 import argparse
 import ctypes
+import logging
 import mmap
 import os
 import statistics
@@ -32,12 +33,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from scripts import log
 from scripts.augmentations import LocalAugmentations
 from scripts.cache import write_entry
 from scripts.losses import HybridLoss
 from scripts.networks import dhr_network
 from scripts.sampler import VoxelPairDataset, VoxelPairSamplerd
 from scripts.training import SSLBatch
+
+logger = logging.getLogger(__name__)
 
 
 def synthetic_volume(shape: tuple[int, int, int], seed: int = 0) -> dict[str, torch.Tensor]:
@@ -155,22 +159,23 @@ def main() -> None:
     parser.add_argument("--voxels", type=int, default=1024)
     parser.add_argument("--cache_dir", default=None, help="where the benchmark's cache entry goes (a disk, not tmpfs)")
     args = parser.parse_args()
+    log.configure()
 
     torch.manual_seed(0)
     volume = synthetic_volume(tuple(args.volume))
     sampler = VoxelPairSamplerd(args.patch, args.pairs, args.voxels)
     sampler.set_random_state(0)
-    print(f"volume {tuple(args.volume)}, {args.pairs} pairs of {tuple(args.patch)} patches, {args.voxels} voxels/pair")
+    logger.info(f"volume {tuple(args.volume)}, {args.pairs} pairs of {tuple(args.patch)} patches, {args.voxels} voxels/pair")
     with tempfile.TemporaryDirectory(dir=args.cache_dir) as folder:
         for key, value in cpu_pipeline(volume, sampler, args.repeats, Path(folder)).items():
-            print(f"cpu (1 thread) {key}: {value:.3f}")
+            logger.info(f"cpu (1 thread) {key}: {value:.3f}")
     if torch.cuda.is_available():
-        print(f"cuda device: {torch.cuda.get_device_name()}")
+        logger.info(f"cuda device: {torch.cuda.get_device_name()}")
         for amp in (True, False):
             for key, value in cuda_step(volume, sampler, args.repeats, amp).items():
-                print(f"cuda amp={'bf16' if amp else 'off'} {key}: {value:.3f}")
+                logger.info(f"cuda amp={'bf16' if amp else 'off'} {key}: {value:.3f}")
     else:
-        print("cuda: not available, step time not measured")
+        logger.info("cuda: not available, step time not measured")
 
 
 if __name__ == "__main__":

@@ -17,13 +17,16 @@ methods of different sizes compare in one study.
 from __future__ import annotations
 
 import argparse
+import logging
 import shlex
 import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from scripts import study
+from scripts import log, study
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["METHODS", "pretrain", "main"]
 
@@ -39,11 +42,11 @@ def pretrain(method: str, root: Path, extra: Sequence[str] = ()) -> Path:
     folder = root / f"pretrain_{method}"
     backbone = folder / "pretrained_backbone.pt"  # where pretraining exports it
     if backbone.is_file():
-        print(f"done already: {backbone}")
+        logger.info(f"done already: {backbone}")
         return backbone
     folder.mkdir(parents=True, exist_ok=True)
     keys = {"output_dir": str(folder), "progress": "False"}
-    print(f"pretraining {method} into {folder}", flush=True)
+    logger.info(f"pretraining {method} into {folder}")
     with open(folder / "log.txt", "a") as log:
         try:
             study.bundle_run("pretrain", METHODS[method], keys, extra, log)
@@ -63,6 +66,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--pretrain_args", default="", help="arguments for every pretraining run, quoted")
     parser.add_argument("--study_args", default="", help="arguments for every downstream run, quoted")
     args = parser.parse_args(argv)
+    log.configure()
 
     root = Path(args.output_dir)
     tracking = ["--tracking", args.tracking] if args.tracking else []

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import os
 import warnings
@@ -26,6 +27,8 @@ from monai.transforms import Orientation
 from monai.utils import ImageMetaKey, convert_to_numpy, convert_to_tensor
 
 __all__ = ["EvaluationSummary", "HausdorffDistanceMM", "OverlayPlots", "channels_to_labels", "write_metric_csvs"]
+
+logger = logging.getLogger(__name__)
 
 # Class c (1-based) is drawn in colour c - 1 of this list, in overlays and contours alike.
 _COLOURS = ["tab:red", "tab:green", "tab:blue", "tab:orange", "tab:purple", "tab:cyan", "tab:olive", "tab:pink"]
@@ -185,8 +188,7 @@ class EvaluationSummary:
         filenames = self._filenames if len(self._filenames) == len(dice) else None
         for name, values in ((self.dice_metric, dice), (self.hd_metric, hd)):
             write_metric_csvs(str(Path(self.output_file).parent), name, values, classes, filenames)
-        # print, not logging: the engine loggers are silent in bundle runs.
-        print(
+        logger.info(
             f"evaluation of {summary['num_cases']} cases: mean Dice {summary['mean_dice']}, "
             f"mean HD95 {summary['mean_hd95_mm']} mm; summary in {self.output_file}"
         )

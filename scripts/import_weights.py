@@ -16,6 +16,7 @@ dropped), this bundle's own training checkpoint ``{"network": ...}``, and a chec
 """
 
 import argparse
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -23,10 +24,13 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from scripts import log
 from scripts.errors import BundleError
 from scripts.networks import FPN3d
 from scripts.training import latest_checkpoint
 from scripts.weights import infer_info, matches, save_weights
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["extract_backbone_state", "load_backbone", "checkpoint_file", "import_backbone", "main"]
 
@@ -191,6 +195,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--patch_size", type=int, nargs=3, help="pretraining patch size in voxels")
     parser.add_argument("--method", choices=["dhr", "vox2vec", "pcrl"], help="pretraining method")
     args = parser.parse_args(argv)
+    log.configure()
 
     try:
         info = import_backbone(args.src, args.dst, **{k: v for k, v in vars(args).items() if k not in ("src", "dst")})
@@ -198,11 +203,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.exit(1, f"error: {err}\n")
     backbone = FPN3d(info["in_channels"], info["base_channels"], info["num_scales"])
     num_parameters = sum(p.numel() for p in backbone.parameters())
-    print(
+    logger.info(
         f"saved {len(backbone.state_dict())} tensors ({num_parameters:,} parameters) of FPN3d({backbone.in_channels}, "
         f"{backbone.base_channels}, {backbone.num_scales}) from {args.src} to {args.dst}"
     )
-    print(f"described in {Path(args.dst).with_suffix('.json')}: {info}")
+    logger.info(f"described in {Path(args.dst).with_suffix('.json')}: {info}")
 
 
 if __name__ == "__main__":

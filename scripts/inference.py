@@ -6,6 +6,7 @@ folder of hundreds neither stops the others nor goes unnoticed.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from monai.utils import ensure_tuple
@@ -13,6 +14,8 @@ from monai.utils import ensure_tuple
 from scripts.data import load_datalist
 from scripts.errors import BundleError
 from scripts.splits import read_volume
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["check_inputs", "report_problems", "segmentation_inputs"]
 
@@ -46,7 +49,7 @@ def segmentation_inputs(source: str, datalist_key: str, output_dir: str, postfix
     kept = [item for item in items if not any(is_output(str(f)) for f in ensure_tuple(item["image"]))]
     if len(kept) < len(items):
         left_out = len(items) - len(kept)
-        print(f"Leaving out {left_out} file(s) that are this bundle's masks (*_{postfix}.nii[.gz] or under {output})")
+        logger.info(f"Leaving out {left_out} file(s) that are this bundle's masks (*_{postfix}.nii[.gz] or under {output})")
     if not kept:
         raise BundleError(
             f"No images to segment in {source}: all {len(items)} files are masks this bundle writes "

@@ -56,8 +56,8 @@ __all__ = [
     "PCRLTrainer",
 ]
 
+# Length of a transformation code: 3 flip bits (X, Y, Z), then a one-hot of the in-plane rotation k in 0..3.
 CODE_SIZE = 7
-"""Length of a transformation code: 3 flip bits (X, Y, Z), then a one-hot of the in-plane rotation k in 0..3."""
 
 
 def random_transforms(

@@ -18,6 +18,7 @@ and the identity, which MONAI's handlers cannot add.
 
 from __future__ import annotations
 
+import logging
 import fcntl
 import json
 import os
@@ -37,6 +38,8 @@ from ignite.handlers import Checkpoint
 
 from scripts.distributed import is_main
 from scripts.errors import BundleError
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "check_keys",
@@ -262,7 +265,7 @@ class RunFolder:
             os.replace(path, old / path.name)
         if (self.output_dir / "run.json").is_file():
             os.replace(self.output_dir / "run.json", old / "run.json")
-        print(f"--resume False: the previous run's {len(found)} checkpoint(s) were moved to {old}; starting afresh.")
+        logger.info(f"--resume False: the previous run's {len(found)} checkpoint(s) were moved to {old}; starting afresh.")
 
     def _load_newest(self) -> None:
         for path in checkpoints(self.checkpoint_dir):
@@ -279,7 +282,7 @@ class RunFolder:
                 continue
             self._check(path, state)
             self.resume_path, self.resume_state = path, state
-            print(f"Resuming from {path} (iteration {state['trainer']['iteration']})")
+            logger.info(f"Resuming from {path} (iteration {state['trainer']['iteration']})")
             return
 
     def _check(self, path: Path, state: Mapping[str, Any]) -> None:

@@ -4,6 +4,7 @@ Linear evaluation trains a head on a frozen backbone; fine-tuning freezes the ba
 (`BackboneWarmup`), then trains everything. Outputs are per-class logits (sigmoid downstream, not softmax).
 """
 
+import logging
 from collections.abc import Sequence
 
 import torch
@@ -14,6 +15,8 @@ from torch import Tensor
 
 from scripts.import_weights import load_backbone
 from scripts.networks import FPN3d
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "LinearFPNHead",
@@ -216,7 +219,7 @@ def segmentation_network(
         load_backbone(pretrained_ckpt, backbone)
         # print, not logging: the engine loggers are silent in bundle runs, and this choice must be visible. (Without a
         # checkpoint, the workflow says what it starts from: random weights to train, or a trained model_file.)
-        print(f"segmentation network: FPN3d(1, {base_channels}, {num_scales}) backbone loaded from {pretrained_ckpt}")
+        logger.info(f"segmentation network: FPN3d(1, {base_channels}, {num_scales}) backbone loaded from {pretrained_ckpt}")
     if head == "linear":
         head_module: nn.Module = LinearFPNHead(backbone.out_channels, num_classes)
     else:
@@ -257,9 +260,9 @@ class BackboneWarmup:
         self._frozen = frozen
         if frozen:
             last = min(self.warmup_epochs, engine.state.max_epochs or self.warmup_epochs)
-            print(f"epochs {epoch}-{last}: backbone frozen (no gradient, BatchNorm in eval mode)")
+            logger.info(f"epochs {epoch}-{last}: backbone frozen (no gradient, BatchNorm in eval mode)")
         else:
-            print(f"epoch {epoch}: backbone unfrozen, all parameters train")
+            logger.info(f"epoch {epoch}: backbone unfrozen, all parameters train")
 
 
 def probabilities_to_labels(probabilities: Tensor, threshold: float = 0.5) -> Tensor:

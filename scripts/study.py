@@ -21,6 +21,7 @@ import argparse
 import csv
 import functools
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -29,6 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from scripts import log
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["Cell", "cells", "bundle_run", "run_cell", "run_study", "plot", "main"]
 
@@ -104,9 +109,9 @@ def run_study(
         summary_file = cell.folder(root) / "evaluation" / "summary.json"
         if summary_file.is_file():
             summary = json.loads(summary_file.read_text())
-            print(f"done already: {cell.folder(root)}")
+            logger.info(f"done already: {cell.folder(root)}")
         else:
-            print(f"running: {cell.folder(root)}", flush=True)
+            logger.info(f"running: {cell.folder(root)}")
             summary = runner(cell, root, extra)
         rows.append(
             {"init": cell.init, "mode": cell.mode, "budget": cell.budget, "fold": cell.fold}
@@ -180,6 +185,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if not Path(path).is_file():
             parser.exit(1, f"error: pretrained backbone {path} does not exist\n")
 
+    log.configure()
     root = Path(args.output_dir)
     root.mkdir(parents=True, exist_ok=True)
     if args.tracking:
@@ -189,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     plot(rows, root / "label_efficiency.png")
     if args.tracking == "mlflow":
         _log_to_mlflow(root, args)
-    print(f"results: {root / 'results.csv'}, plot: {root / 'label_efficiency.png'}")
+    logger.info(f"results: {root / 'results.csv'}, plot: {root / 'label_efficiency.png'}")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -29,6 +30,8 @@ __all__ = [
     "latest_checkpoint",
     "per_class_dice",
 ]
+
+logger = logging.getLogger(__name__)
 
 
 class SSLBatch:
@@ -178,7 +181,7 @@ class ExportBackbone:
             return
         architecture = {k: getattr(self.backbone, k, None) for k in ("in_channels", "base_channels", "num_scales")}
         save_weights(self.backbone.state_dict(), self.path, {"kind": "backbone", **architecture, **self.info})
-        print(f"Exported the pretrained backbone to {self.path}")  # the engine logger is silent in bundle runs
+        logger.info(f"Exported the pretrained backbone to {self.path}")
 
 
 def latest_checkpoint(checkpoint_dir: str, pattern: str = r"checkpoint_iteration=(\d+)\.pt") -> str | None:

@@ -10,13 +10,12 @@ from tests.bundle import ROOT
 
 def run_config(tmp_path, expression: str, **env) -> subprocess.CompletedProcess:
     config = tmp_path / "c.yaml"
-    config.write_text(
-        textwrap.dedent(f"""
+    text = f"""
         imports: ["$import scripts"]
         value: "{expression}"
         run: ["$print(@value)"]
-        """)
-    )
+        """
+    config.write_text(textwrap.dedent(text))  # apart from the call, which black and ruff format would wrap unlike
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(config)]
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
     return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=300)

@@ -15,7 +15,7 @@ from monai.bundle import ConfigParser, verify_net_in_out
 from scripts.segmentation import segmentation_network
 
 ROOT = Path(__file__).resolve().parents[1]
-SCHEMA = ROOT.parent / "shared" / "schema" / "meta_schema_20240725.json"
+SCHEMA = ROOT / "tests" / "schema" / "meta_schema_20240725.json"
 TINY = {"patch_size": [16, 16, 8], "base_channels": 4, "num_scales": 3, "num_classes": 2, "num_workers": 0}
 SHAPE = (20, 26, 14)
 # Axes permuted and flipped (neither RAS nor axis-aligned with it) and anisotropic: preprocessing reorients and

@@ -1,3 +1,4 @@
+import logging
 import math
 import warnings
 
@@ -129,27 +130,31 @@ def _run_trainer(warmup_epochs: int, max_epochs: int):
     return net, states
 
 
-def test_backbone_warmup_with_supervised_trainer(capsys):
+def test_backbone_warmup_with_supervised_trainer(caplog):
+    caplog.set_level(logging.INFO)
     net, states = _run_trainer(warmup_epochs=1, max_epochs=2)
     (backbone0, head0), (backbone1, head1), (backbone2, _) = states
     assert _same(backbone0, backbone1)  # epoch 1: weights and BN buffers untouched although Adam holds them
     assert not _same(head0, head1)
     assert not _same(backbone1, backbone2)  # epoch 2: the same optimizer now trains the backbone
     assert not net.backbone_frozen
-    out = capsys.readouterr().out
+    out = caplog.text
     assert "epochs 1-1: backbone frozen (no gradient, BatchNorm in eval mode)" in out
     assert "epoch 2: backbone unfrozen, all parameters train" in out
 
 
-def test_backbone_frozen_throughout(capsys):
+def test_backbone_frozen_throughout(caplog):
+    caplog.set_level(logging.INFO)
     net, states = _run_trainer(warmup_epochs=5, max_epochs=2)
     assert _same(states[0][0], states[-1][0])
     assert not _same(states[0][1], states[-1][1])
-    out = capsys.readouterr().out
+    out = caplog.text
     assert "epochs 1-2: backbone frozen" in out and "unfrozen" not in out
 
 
-def test_backbone_warmup_resume(capsys):
+def test_backbone_warmup_resume(caplog):
+    caplog.set_level(logging.INFO)
+
     class State:
         epoch, max_epochs = 3, 5  # resumed after epoch 2: epoch 3 is about to run
 
@@ -157,22 +162,25 @@ def test_backbone_warmup_resume(capsys):
     warmup = BackboneWarmup(net, warmup_epochs=4)
     warmup(type("Engine", (), {"state": State})())
     assert net.backbone_frozen
-    assert "epochs 3-4: backbone frozen" in capsys.readouterr().out
+    assert "epochs 3-4: backbone frozen" in caplog.text
+    caplog.clear()
     State.epoch = 5
     warmup(type("Engine", (), {"state": State})())
     assert not net.backbone_frozen
-    assert "epoch 5: backbone unfrozen" in capsys.readouterr().out
+    assert "epoch 5: backbone unfrozen" in caplog.text
 
 
-def test_pretrained_checkpoint(tmp_path, capsys):
+def test_pretrained_checkpoint(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
     source = FPN3d(1, 4, 3)
     path = tmp_path / "backbone.pt"
     torch.save(source.state_dict(), path)
     net = segmentation_network(2, 4, 3, pretrained_ckpt=str(path))
     assert _same(_state(source), _state(net.backbone))
-    assert f"loaded from {path}" in capsys.readouterr().out
+    assert f"loaded from {path}" in caplog.text
+    caplog.clear()
     segmentation_network(2, 4, 3)
-    assert capsys.readouterr().out == ""  # the workflow says what it starts from (train) or loads (evaluation)
+    assert "segmentation network" not in caplog.text  # the workflow says what it starts from (train) or loads (evaluation)
 
     other = tmp_path / "other.pt"
     torch.save(FPN3d(1, 2, 2).state_dict(), other)

@@ -1,0 +1,192 @@
+"""scripts.release end to end, offline: tiny-trained weights -> submission folder and release zip -> served over
+127.0.0.1 -> downloaded and loaded through MONAI's Zoo API in a fresh process from another folder -> the Zoo's checks.
+
+The Model Zoo's own CI script (`ci/verify_bundle.py`) runs when a copy of the model-zoo repository is found at
+$MODEL_ZOO_DIR (default /work/model-zoo); CI has none, and there the MONAI checks it is made of run instead."""
+
+import functools
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import threading
+import zipfile
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+NAME = "dhr_ct_mri_pretraining"
+VERSION = "0.3.0"
+MODEL_ZOO = Path(os.environ.get("MODEL_ZOO_DIR", "/work/model-zoo"))
+SCHEMA = ROOT / "tests/schema/meta_schema_20240725.json"
+# not the configs' defaults (32, 5, 3 classes): the release must record them
+ARCHITECTURE = {"base_channels": 4, "num_scales": 3, "num_classes": 2}
+TRAIN = {"patch_size": [16, 16, 8], "num_workers": 0, "progress": False, "epochs": 1, "epoch_length": 2}
+
+
+class QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args) -> None:  # noqa: A002 - the base class's signature
+        pass
+
+
+def fresh_python(script: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Runs ``script`` in a new interpreter in ``cwd``, without the repository on its path."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-c", textwrap.dedent(script)]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """An HTTP server on 127.0.0.1 serving one folder (the release's upload folder); stopped after the module."""
+    folder = tmp_path_factory.mktemp("upload")
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(folder)))
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield folder, f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def release(server, tmp_path_factory):
+    """Pretrains and fine-tunes a tiny network on synthetic volumes (in this process, as the Zoo's tests run
+    workflows), then releases it into the served folder."""
+    from test_pretrain_bundle import write_volumes
+    from test_train_bundle import write_cases
+    from test_zoo_workflows import zoo_workflow
+
+    from scripts.release import release as make_release
+
+    upload, base_url = server
+    tmp = tmp_path_factory.mktemp("release")
+    write_volumes(tmp / "volumes")
+    write_cases(tmp / "labelled")
+    backbone, model = tmp / "backbone.pt", tmp / "model.pt"
+    keys = {**TRAIN, **ARCHITECTURE, "models_dir": str(tmp / "m")}
+    pretrain = {"dataset_dir": str(tmp / "volumes"), "output_dir": str(tmp / "pre"), "backbone_file": str(backbone)}
+    train = {"dataset_dir": str(tmp / "labelled"), "output_dir": str(tmp / "train"), "model_file": str(model)}
+    train |= {"pretrained_ckpt": str(backbone), "warmup_epochs": 0, "val_interval": 1, "num_folds": 5}
+    handlers = logging.getLogger().handlers[:]
+    for config, overrides in (("pretrain.yaml", {**pretrain, "pairs_per_volume": 2}), ("train.yaml", train)):
+        workflow = zoo_workflow(config, "train", **keys, **overrides)
+        workflow.run()
+        workflow.finalize()
+    logging.getLogger().handlers[:] = handlers
+    make_release(VERSION, base_url, model, backbone, output_dir=upload)
+    return {"upload": upload, "url": base_url, "model": model, "backbone": backbone, "tmp": tmp}
+
+
+def test_release_holds_what_the_zoo_packages(release):
+    upload = release["upload"]
+    with zipfile.ZipFile(upload / f"{NAME}_v{VERSION}.zip") as archive:
+        names = archive.namelist()
+        metadata = json.loads(archive.read(f"{NAME}/configs/metadata.json"))
+        inference = json.loads(archive.read(f"{NAME}/configs/inference.json"))
+        train = yaml.safe_load(archive.read(f"{NAME}/configs/train.yaml"))
+        assert archive.read(f"{NAME}/models/model.pt") == release["model"].read_bytes()
+    assert {n.split("/")[1] for n in names} == {"configs", "docs", "scripts", "models", "LICENSE"}
+    assert not [n for n in names if "__pycache__" in n or n.endswith("large_files.yml")]
+    assert {f"{NAME}/models/{f}" for f in ("model.pt", "pretrained_backbone.pt", "model.json")} <= set(names)
+    assert metadata["version"] == VERSION and VERSION in metadata["changelog"]
+    assert metadata["network_data_format"]["outputs"]["pred"]["num_channels"] == 2
+    assert len(metadata["pretrained_backbone_data_format"]["outputs"]) == 3
+    # the weights' architecture is the released configs' default, as literals
+    for key, value in {**ARCHITECTURE, "head": "linear"}.items():
+        assert inference[key] == value and train[key] == value, key
+
+    folder = upload / NAME
+    assert sorted(p.name for p in folder.iterdir()) == ["LICENSE", "configs", "docs", "large_files.yml", "models"] + [
+        "scripts"
+    ]
+    assert not list(folder.rglob("*.pt")) and max(p.stat().st_size for p in folder.rglob("*") if p.is_file()) < 2**20
+    entries = yaml.safe_load((folder / "large_files.yml").read_text())["large_files"]
+    assert [e["path"] for e in entries] == ["models/model.pt", "models/pretrained_backbone.pt"]
+    for entry, source in zip(entries, (release["model"], release["backbone"]), strict=True):
+        served = upload / entry["url"].rsplit("/", 1)[1]
+        assert entry["url"].startswith(release["url"]) and served.read_bytes() == source.read_bytes()
+        assert entry["hash_type"] == "sha256" and entry["hash_val"] == hashlib.sha256(served.read_bytes()).hexdigest()
+
+
+def test_download_load_and_check_in_a_fresh_process(release, tmp_path):
+    """In a new interpreter in another folder, what a Zoo user runs: download the zip, load the network, the backbone,
+    and the backbone into their own network. `scripts` is then the downloaded bundle's: its folder goes on sys.path
+    (docs/README.md). Then, from the submission folder's root, what the Zoo's verify_bundle.py is made of: its large
+    files download from their URLs with matching hashes; metadata, network shapes, TorchScript export."""
+    shutil.copytree(release["upload"] / NAME, tmp_path / "submission" / NAME)
+    script = f"""
+        import os
+        import sys
+        import torch
+        from monai.bundle import ckpt_export, download, download_large_files, load, verify_metadata, verify_net_in_out
+
+        download(name="{NAME}", url="{release["url"]}/{NAME}_v{VERSION}.zip", bundle_dir="hub")
+        sys.path.insert(0, "hub/{NAME}")
+        from scripts.networks import FPN3d
+
+        model = torch.load("{release["model"]}", weights_only=True)
+        net = load("{NAME}", bundle_dir="hub", workflow_type="inference", device="cpu")
+        assert net.state_dict().keys() == model.keys()
+        assert all(torch.equal(net.state_dict()[k], v) for k, v in model.items()), "model tensors differ"
+
+        backbone = torch.load("{release["backbone"]}", weights_only=True)
+        fpn = load("{NAME}", bundle_dir="hub", model=FPN3d(1, 4, 3), model_file="models/pretrained_backbone.pt",
+                   device="cpu")
+        assert all(torch.equal(fpn.state_dict()[k], v) for k, v in backbone.items()), "backbone tensors differ"
+
+        own = torch.nn.ModuleDict({{"encoder": FPN3d(1, 4, 3), "classifier": torch.nn.Conv3d(4, 5, 1)}})
+        load("{NAME}", bundle_dir="hub", model=own, model_file="models/pretrained_backbone.pt", device="cpu",
+             copy_model_args={{"dst_prefix": "encoder."}})
+        assert all(torch.equal(own.encoder.state_dict()[k], v) for k, v in backbone.items()), "dst_prefix"
+        print("loaded", len(model), "and", len(backbone), "tensors")
+
+        os.chdir("submission/{NAME}")
+        download_large_files(bundle_path=".")
+        verify_metadata(meta_file="configs/metadata.json", filepath="{SCHEMA}")
+        kwargs = dict(meta_file="configs/metadata.json", config_file="configs/inference.json")
+        verify_net_in_out(net_id="network_def", **kwargs)
+        ckpt_export(net_id="network_def", filepath="models/model.ts", ckpt_file="models/model.pt", **kwargs)
+        print("TorchScript output", tuple(torch.jit.load("models/model.ts")(torch.rand(1, 1, 16, 16, 8)).shape))
+    """
+    result = fresh_python(script, tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "loaded" in result.stdout and "TorchScript output (1, 2, 16, 16, 8)" in result.stdout
+    assert sorted(p.name for p in (tmp_path / "hub" / NAME).iterdir()) == [
+        "LICENSE", "configs", "docs", "models", "scripts"
+    ]  # fmt: skip
+    submitted = tmp_path / "submission" / NAME / "models"
+    assert (submitted / "model.pt").read_bytes() == release["model"].read_bytes()
+
+
+@pytest.mark.skipif(not (MODEL_ZOO / "ci/verify_bundle.py").is_file(), reason=f"no model-zoo copy at {MODEL_ZOO}")
+@pytest.mark.parametrize("source, mode", [("zip", "full"), ("submission", "min")])  # full runs min's checks too
+def test_model_zoo_verify_bundle(release, tmp_path, source, mode):
+    """The Zoo's own ci/verify_bundle.py, run from outside the repository as its CI does after `prepare_schema`."""
+    models = tmp_path / "models"
+    models.mkdir()
+    if source == "zip":
+        with zipfile.ZipFile(release["upload"] / f"{NAME}_v{VERSION}.zip") as archive:
+            archive.extractall(models)
+    else:  # the submission folder: verify_bundle downloads its large files from the served URLs
+        shutil.copytree(release["upload"] / NAME, models / NAME)
+    (models / "model_info.json").write_text("{}")  # no earlier release of this bundle
+    (models / NAME / "eval").mkdir()
+    shutil.copy(SCHEMA, models / NAME / "eval/schema.json")
+    cmd = [sys.executable, str(MODEL_ZOO / "ci/verify_bundle.py"), "-b", NAME, "-p", str(models), "-m", mode]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "directory is verified correctly." in result.stdout
+    assert "metadata format is verified correctly." in result.stdout
+    if mode == "full":
+        assert "export weights into TorchScript module successfully." in result.stdout
