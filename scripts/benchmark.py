@@ -165,7 +165,9 @@ def main() -> None:
     volume = synthetic_volume(tuple(args.volume))
     sampler = VoxelPairSamplerd(args.patch, args.pairs, args.voxels)
     sampler.set_random_state(0)
-    logger.info(f"volume {tuple(args.volume)}, {args.pairs} pairs of {tuple(args.patch)} patches, {args.voxels} voxels/pair")
+    logger.info(
+        f"volume {tuple(args.volume)}, {args.pairs} pairs of {tuple(args.patch)} patches, {args.voxels} voxels/pair"
+    )
     with tempfile.TemporaryDirectory(dir=args.cache_dir) as folder:
         for key, value in cpu_pipeline(volume, sampler, args.repeats, Path(folder)).items():
             logger.info(f"cpu (1 thread) {key}: {value:.3f}")

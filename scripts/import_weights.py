@@ -172,7 +172,7 @@ def import_backbone(src: str | os.PathLike, dst: str | os.PathLike, **given) -> 
             raise BundleError(
                 f"--{key} {value!r} contradicts {path}, whose weights have {key} {recorded[key]!r}: leave out --{key}"
             )
-    info = {"kind": "backbone", **{k: None for k in ("modality", "patch_size", "method")}}
+    info = {"kind": "backbone", **dict.fromkeys(("modality", "patch_size", "method"))}
     info |= {k: v for k, v in given.items() if v is not None} | recorded
     if info["patch_size"] is not None:
         info["patch_size"] = list(info["patch_size"])

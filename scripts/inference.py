@@ -49,7 +49,9 @@ def segmentation_inputs(source: str, datalist_key: str, output_dir: str, postfix
     kept = [item for item in items if not any(is_output(str(f)) for f in ensure_tuple(item["image"]))]
     if len(kept) < len(items):
         left_out = len(items) - len(kept)
-        logger.info(f"Leaving out {left_out} file(s) that are this bundle's masks (*_{postfix}.nii[.gz] or under {output})")
+        logger.info(
+            f"Leaving out {left_out} file(s) that are this bundle's masks (*_{postfix}.nii[.gz] or under {output})"
+        )
     if not kept:
         raise BundleError(
             f"No images to segment in {source}: all {len(items)} files are masks this bundle writes "

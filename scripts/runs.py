@@ -265,7 +265,9 @@ class RunFolder:
             os.replace(path, old / path.name)
         if (self.output_dir / "run.json").is_file():
             os.replace(self.output_dir / "run.json", old / "run.json")
-        logger.info(f"--resume False: the previous run's {len(found)} checkpoint(s) were moved to {old}; starting afresh.")
+        logger.info(
+            f"--resume False: the previous run's {len(found)} checkpoint(s) were moved to {old}; starting afresh."
+        )
 
     def _load_newest(self) -> None:
         for path in checkpoints(self.checkpoint_dir):

@@ -219,7 +219,9 @@ def segmentation_network(
         load_backbone(pretrained_ckpt, backbone)
         # print, not logging: the engine loggers are silent in bundle runs, and this choice must be visible. (Without a
         # checkpoint, the workflow says what it starts from: random weights to train, or a trained model_file.)
-        logger.info(f"segmentation network: FPN3d(1, {base_channels}, {num_scales}) backbone loaded from {pretrained_ckpt}")
+        logger.info(
+            f"segmentation network: FPN3d(1, {base_channels}, {num_scales}) backbone loaded from {pretrained_ckpt}"
+        )
     if head == "linear":
         head_module: nn.Module = LinearFPNHead(backbone.out_channels, num_classes)
     else:

@@ -8,13 +8,7 @@ from ignite.engine import Events
 from monai.engines import SupervisedTrainer
 
 from scripts.networks import FPN3d
-from scripts.segmentation import (
-    BackboneWarmup,
-    FPNNonLinearHead,
-    LinearFPNHead,
-    SegmentationNet,
-    segmentation_network,
-)
+from scripts.segmentation import BackboneWarmup, FPNNonLinearHead, LinearFPNHead, SegmentationNet, segmentation_network
 
 
 def _script(module):
@@ -180,7 +174,9 @@ def test_pretrained_checkpoint(tmp_path, caplog):
     assert f"loaded from {path}" in caplog.text
     caplog.clear()
     segmentation_network(2, 4, 3)
-    assert "segmentation network" not in caplog.text  # the workflow says what it starts from (train) or loads (evaluation)
+    assert (
+        "segmentation network" not in caplog.text
+    )  # the workflow says what it starts from (train) or loads (evaluation)
 
     other = tmp_path / "other.pt"
     torch.save(FPN3d(1, 2, 2).state_dict(), other)
