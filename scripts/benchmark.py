@@ -18,7 +18,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from scripts.augmentations import LocalAugmentations
+from scripts.local_augmentations import LocalAugmentations
 from scripts.losses import HybridLoss
 from scripts.networks import dhr_network
 from scripts.sampler import VoxelPairSamplerd

@@ -15,7 +15,11 @@ from monai.engines.utils import IterationEvents
 from monai.handlers import MeanDice, from_engine
 from torch import nn
 
+from scripts.local_augmentations import LocalAugmentations
+from scripts.vox2vec_augmentations import Vox2VecAugmentations
+
 __all__ = [
+    "build_augmentation",
     "SSLBatch",
     "GradientClipping",
     "NonFiniteLossGuard",
@@ -24,6 +28,22 @@ __all__ = [
     "latest_checkpoint",
     "per_class_dice",
 ]
+
+
+def build_augmentation(name: str, modality: str) -> LocalAugmentations | Vox2VecAugmentations | None:
+    """The pretraining augmentation named by the config key `augmentations`.
+
+    Args:
+        name: "local" (DHR's local augmentations), "vox2vec" (blur or sharpen, noise, HU window) or "none".
+        modality: the data's preset, which vox2vec's augmentations need ("ct_wide" or "mri").
+    """
+    if name == "local":
+        return LocalAugmentations()
+    if name == "vox2vec":
+        return Vox2VecAugmentations(modality)
+    if name == "none":
+        return None
+    raise ValueError(f"Unknown augmentations={name!r}: the key `augmentations` must be 'local', 'vox2vec' or 'none'.")
 
 
 class SSLBatch:
