@@ -3,6 +3,11 @@
 Usage (from the bundle root)::
 
     python -m scripts.benchmark [--repeats 10] [--volume 320 240 200] [--patch 128 128 32] [--pairs 10]
+    python -m scripts.benchmark --memory [--patch 128 128 32] [--pairs 10]
+
+``--memory`` prints an estimate of the training memory per configuration instead, without running anything: the
+networks run on PyTorch's "meta" device (shapes only), and the tensors their forward pass saves for the backward
+pass are summed (`saved_activation_bytes`).
 
 CPU figures, one thread, as one DataLoader worker does it: one batch = ``pairs`` voxel pairs of one volume read from the
 on-disk cache (`scripts.cache`, memory-mapped) by `VoxelPairDataset`:
@@ -19,7 +24,9 @@ views.
 """
 
 import argparse
+import contextlib
 import ctypes
+import io
 import logging
 import mmap
 import os
@@ -34,11 +41,12 @@ import numpy as np
 import torch
 
 from scripts import log
-from scripts.augmentations import LocalAugmentations
+from scripts.local_augmentations import LocalAugmentations
 from scripts.cache import write_entry
 from scripts.losses import HybridLoss
 from scripts.networks import dhr_network
 from scripts.sampler import VoxelPairDataset, VoxelPairSamplerd
+from scripts.segmentation import segmentation_network
 from scripts.training import SSLBatch
 
 logger = logging.getLogger(__name__)
@@ -150,6 +158,75 @@ def cuda_step(volume: dict, sampler: VoxelPairSamplerd, repeats: int, amp: bool)
     }
 
 
+def saved_activation_bytes(network: torch.nn.Module, *inputs: torch.Tensor, **kwargs: torch.Tensor) -> int:
+    """Bytes of the distinct tensors (parameters excluded) that a training forward of `network` saves for its backward
+    pass; run it on the "meta" device to count without computing."""
+    parameters = {p.untyped_storage()._cdata for p in network.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage._cdata not in parameters:
+            saved[storage._cdata] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        network.train()(*inputs, **kwargs)
+    return sum(saved.values())
+
+
+def memory_estimates(patch: tuple[int, int, int], pairs: int, voxels: int) -> list[dict[str, object]]:
+    """Estimated training memory in GiB of DHR and vox2vec pretraining and of fine-tuning, fp32 and bf16, with and
+    without activation checkpointing: saved activations + weights, gradients and Adam's two moments (16 bytes per
+    parameter) + the InfoNCE's (2N)^2 float32 logits (N = pairs * voxels; pretraining) + with checkpointing, the
+    activations of the largest residual stage while it is recomputed. bf16 casts the whole network to bf16 (what
+    autocast does to the activations). Transient buffers of the backward pass and allocator fragmentation are not
+    included. Fine-tuning: 2 * pairs patches per batch (the paper's 10 patches for 5 pairs)."""
+    rows = []
+    networks = {
+        "DHR pretraining (FPN3d 32/5)": (lambda c: dhr_network(activation_checkpointing=c), 2 * pairs, True),
+        "vox2vec pretraining (FPN3d 16/6)": (
+            lambda c: dhr_network(16, 6, None, restoration=False, activation_checkpointing=c),
+            2 * pairs,
+            True,
+        ),
+        "fine-tuning (FPN3d 32/5 + linear head)": (
+            lambda c: segmentation_network(13, activation_checkpointing=c),
+            pairs,
+            False,
+        ),
+    }
+    for name, (build, batch, contrastive) in networks.items():
+        for dtype in (torch.float32, torch.bfloat16):
+            for checkpointing in (False, True):
+                # stdout: segmentation_network prints what it built
+                with torch.device("meta"), contextlib.redirect_stdout(io.StringIO()):
+                    network = build(checkpointing).to(dtype)
+                    images = torch.zeros(batch, 1, *patch, dtype=dtype)
+                    kwargs = {"voxels": torch.zeros(batch, voxels, 3, dtype=torch.long)} if contrastive else {}
+                    activations = saved_activation_bytes(network, images, **kwargs)
+                    recompute = 0
+                    if checkpointing:
+                        backbone = network.backbone
+                        first = backbone.left_blocks[0] if backbone.num_scales > 1 else backbone.bottom_block
+                        first.checkpointing = False
+                        stage_input = torch.zeros(batch, backbone.base_channels, *patch, dtype=dtype)
+                        recompute = saved_activation_bytes(first, stage_input)
+                parameters = sum(p.numel() for p in network.parameters())
+                logits = 4 * (2 * pairs * voxels) ** 2 if contrastive else 0
+                total = activations + recompute + 16 * parameters + logits
+                rows.append(
+                    {
+                        "configuration": name,
+                        "precision": "bf16" if dtype == torch.bfloat16 else "fp32",
+                        "checkpointing": checkpointing,
+                        "activations_gib": activations / 2**30,
+                        "total_gib": total / 2**30,
+                    }
+                )
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=10)
@@ -158,8 +235,19 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=10)
     parser.add_argument("--voxels", type=int, default=1024)
     parser.add_argument("--cache_dir", default=None, help="where the benchmark's cache entry goes (a disk, not tmpfs)")
+    parser.add_argument("--memory", action="store_true", help="print memory estimates instead (nothing is run)")
     args = parser.parse_args()
     log.configure()
+    if args.memory:
+        print(f"{args.pairs} pairs of {tuple(args.patch)} patches, {args.voxels} voxels/pair; estimates in GiB")
+        print("| configuration | precision | activation checkpointing | saved activations | estimated peak |")
+        print("| --- | --- | --- | --- | --- |")
+        for row in memory_estimates(tuple(args.patch), args.pairs, args.voxels):
+            print(
+                f"| {row['configuration']} | {row['precision']} | {'on' if row['checkpointing'] else 'off'} "
+                f"| {row['activations_gib']:.1f} | {row['total_gib']:.1f} |"
+            )
+        return
 
     torch.manual_seed(0)
     volume = synthetic_volume(tuple(args.volume))

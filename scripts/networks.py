@@ -3,12 +3,14 @@
 `FPN3d` reproduces the authors' backbone module for module, so their released weights load with `strict=True`.
 """
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 __all__ = [
     "ResBlock3d",
@@ -48,18 +50,52 @@ class ResBlock3d(nn.Module):
 class ResStage(nn.Module):
     """A stack of `num_blocks` residual blocks of constant width (the authors' ``StackMoreLayers``).
 
+    With `checkpointing`, training keeps only the stage's input for the backward pass and recomputes the blocks there
+    (activation checkpointing: less memory, about a third more compute). The recomputation leaves the BatchNorm
+    running statistics as they were, so they are updated once per step, as without checkpointing.
+
     Args:
         channels: number of input and output channels.
         num_blocks: number of residual blocks.
+        checkpointing: recompute the blocks in the backward pass instead of keeping their activations.
     """
 
-    def __init__(self, channels: int, num_blocks: int = 2) -> None:
+    checkpointing: bool
+
+    def __init__(self, channels: int, num_blocks: int = 2, checkpointing: bool = False) -> None:
         super().__init__()
         self.layers = nn.Sequential(*[ResBlock3d(channels) for _ in range(num_blocks)])
+        self.checkpointing = checkpointing
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, C, X, Y, Z) -> (B, C, X, Y, Z)."""
+        if self.checkpointing and self.training and torch.is_grad_enabled():
+            return self._checkpointed(x)
         return self.layers(x)
+
+    @torch.jit.unused
+    def _checkpointed(self, x: Tensor) -> Tensor:
+        return checkpoint(self.layers, x, use_reentrant=False, context_fn=self._contexts)
+
+    def _contexts(self) -> tuple[AbstractContextManager, AbstractContextManager]:
+        """Contexts of the forward pass and of its recomputation (`torch.utils.checkpoint`'s ``context_fn``)."""
+        return nullcontext(), _running_stats_kept(self.layers)
+
+
+@contextmanager
+def _running_stats_kept(module: nn.Module) -> Iterator[None]:
+    """Within the context, BatchNorm layers of `module` normalise with batch statistics as in training but leave their
+    running statistics and batch counters unchanged (momentum 0)."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, (momentum, count) in zip(norms, saved, strict=True):
+            m.momentum = momentum
+            m.num_batches_tracked.copy_(count)
 
 
 class FPN3d(nn.Module):
@@ -73,12 +109,20 @@ class FPN3d(nn.Module):
         base_channels: number of channels of the finest level.
         num_scales: number of pyramid levels.
         num_blocks: residual blocks per stage.
+        activation_checkpointing: recompute each `ResStage` in the backward pass instead of keeping its activations.
     """
 
     # Declared here for TorchScript, which is also why this module avoids `from __future__ import annotations`.
     out_channels: list[int]
 
-    def __init__(self, in_channels: int = 1, base_channels: int = 32, num_scales: int = 5, num_blocks: int = 2) -> None:
+    def __init__(
+        self,
+        in_channels: int = 1,
+        base_channels: int = 32,
+        num_scales: int = 5,
+        num_blocks: int = 2,
+        activation_checkpointing: bool = False,
+    ) -> None:
         super().__init__()
         self.in_channels = in_channels
         self.base_channels = base_channels
@@ -87,14 +131,14 @@ class FPN3d(nn.Module):
 
         fine = self.out_channels[:-1]
         self.first_conv = nn.Conv3d(in_channels, base_channels, kernel_size=3, padding=1)
-        self.left_blocks = nn.ModuleList([ResStage(c, num_blocks) for c in fine])
+        self.left_blocks = nn.ModuleList([ResStage(c, num_blocks, activation_checkpointing) for c in fine])
         self.down_blocks = nn.ModuleList(
             [
                 nn.Sequential(nn.MaxPool3d(kernel_size=2, ceil_mode=True), nn.Conv3d(c, 2 * c, kernel_size=1))
                 for c in fine
             ]
         )
-        self.bottom_block = ResStage(self.out_channels[-1], num_blocks)
+        self.bottom_block = ResStage(self.out_channels[-1], num_blocks, activation_checkpointing)
         self.up_blocks = nn.ModuleList(
             [
                 nn.Sequential(nn.Conv3d(2 * c, c, kernel_size=1), nn.Upsample(scale_factor=2, mode="nearest"))
@@ -102,7 +146,7 @@ class FPN3d(nn.Module):
             ]
         )
         self.skip_blocks = nn.ModuleList([nn.Conv3d(c, c, kernel_size=1) for c in reversed(fine)])
-        self.right_blocks = nn.ModuleList([ResStage(c, num_blocks) for c in reversed(fine)])
+        self.right_blocks = nn.ModuleList([ResStage(c, num_blocks, activation_checkpointing) for c in reversed(fine)])
 
     def forward(self, x: Tensor) -> list[Tensor]:
         """
@@ -285,6 +329,7 @@ def dhr_network(
     restoration: bool = True,
     freeze_projections: bool = False,
     seed: int = 0,
+    activation_checkpointing: bool = False,
 ) -> VoxelEmbeddingNet:
     """Builds the pretraining network for one input channel.
 
@@ -300,8 +345,9 @@ def dhr_network(
         restoration: add the restoration head.
         freeze_projections: keep the per-level projections fixed at their seeded random initialisation.
         seed: seed of the frozen projections.
+        activation_checkpointing: recompute the backbone's residual stages in the backward pass (`FPN3d`).
     """
-    backbone = FPN3d(1, base_channels, num_scales)
+    backbone = FPN3d(1, base_channels, num_scales, activation_checkpointing=activation_checkpointing)
     projection = MultiscaleProjection(backbone.out_channels, projection_width, freeze_projections, seed)
     hidden = projection.out_channels if head_hidden is None else head_hidden
     head = ProjectionHead(projection.out_channels, hidden, embedding_dim)

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from monai.engines import SupervisedTrainer
 from torch import Tensor, nn
 
+from scripts.distributed import all_gather, average_, unwrap
 from scripts.networks import FPN3d
 from scripts.training import batch_generator
 
@@ -222,7 +223,9 @@ class PCRLNetwork(nn.Module):
 
     The teacher, its head, the ``queue`` (K, D) of unit vectors and its ``queue_ptr`` (the next row to overwrite) are
     part of the state dict, so checkpoints of this module resume exactly. Call :meth:`step` after each optimiser step.
-    The queue is local to the process: multi-GPU training would need the keys gathered across processes.
+    Under ``torchrun`` (DDP, which must not broadcast buffers at each forward: ``forward_sync_buffers=False``),
+    `step` enqueues the keys of all ranks and averages the student's BatchNorm statistics over the ranks before the
+    teacher copies them, so every rank holds the same queue and the same teacher.
 
     Args:
         backbone: the student; its encoder and decoder are used separately (`FPN3d.encode`, `FPN3d.decode`), and it is
@@ -328,7 +331,9 @@ class PCRLNetwork(nn.Module):
 
     @torch.no_grad()
     def momentum_update(self) -> None:
-        """``teacher = m * teacher + (1 - m) * student`` for the parameters; BatchNorm statistics are copied."""
+        """``teacher = m * teacher + (1 - m) * student`` for the parameters; BatchNorm statistics are copied, after
+        averaging the student's over the ranks (identical students, so identical teachers)."""
+        average_([b for b in [*self.backbone.buffers(), *self.head.buffers()] if b.is_floating_point()])
         for student, teacher in ((self.backbone, self.teacher), (self.head, self.teacher_head)):
             # One fused kernel per group instead of one per tensor: this runs after every optimiser step.
             torch._foreach_lerp_(list(teacher.parameters()), list(student.parameters()), 1.0 - self.momentum)
@@ -347,7 +352,7 @@ class PCRLNetwork(nn.Module):
 
     def step(self) -> None:
         """After an optimiser step: moves the teacher towards the student, then enqueues the last training forward's
-        keys, once.
+        keys, once (those of all ranks, in rank order, under ``torchrun``).
 
         Raises:
             RuntimeError: when no training forward happened since the last call.
@@ -355,7 +360,7 @@ class PCRLNetwork(nn.Module):
         if self._keys is None:
             raise RuntimeError("PCRLNetwork.step() needs a forward pass in training mode first.")
         self.momentum_update()
-        self.enqueue(self._keys)
+        self.enqueue(all_gather(self._keys))
         self._keys = None
 
 
@@ -415,7 +420,8 @@ class PCRLTrainer(SupervisedTrainer):
     MONAI's ``SupervisedTrainer`` plus PCRL's per-step update: after each optimiser step (and before any
     ``ITERATION_COMPLETED`` handler, such as the checkpoint saver), the network's teacher moves towards the student
     and this step's keys are enqueued, once (`PCRLNetwork.step`). Takes the same arguments; ``network`` must be a
-    `PCRLNetwork` and gradient accumulation is not supported (the update belongs to every optimiser step).
+    `PCRLNetwork` (or its ``DistributedDataParallel`` wrapper) and gradient accumulation is not supported (the update
+    belongs to every optimiser step).
     """
 
     def __init__(self, *args, **kwargs) -> None:
@@ -425,5 +431,5 @@ class PCRLTrainer(SupervisedTrainer):
 
     def _iteration(self, engine: SupervisedTrainer, batchdata: dict[str, Tensor]) -> dict:
         output = super()._iteration(engine, batchdata)
-        engine.network.step()
+        unwrap(engine.network).step()
         return output

@@ -78,7 +78,7 @@ def check_keys(keys: Mapping[str, Any]) -> None:
     Raises:
         BundleError: at the first bad key.
     """
-    from scripts import augmentations, data  # here, not at import: both import MONAI's transforms
+    from scripts import data, training  # here, not at import: both import MONAI's transforms
 
     if "patch_size" in keys:
         size = keys["patch_size"]
@@ -95,7 +95,7 @@ def check_keys(keys: Mapping[str, Any]) -> None:
         raise BundleError(f"modality={keys['modality']!r} is not a preset: use --modality one of {presets}.")
     if "augmentations" in keys:
         try:
-            augmentations.build_augmentation(keys["augmentations"], keys.get("modality"))
+            training.build_augmentation(keys["augmentations"], keys.get("modality"))
         except ValueError as err:
             raise BundleError(str(err)) from err
     if "output_dir" in keys:

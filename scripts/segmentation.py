@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from ignite.engine import Engine, Events
 from torch import Tensor
 
+from scripts.distributed import unwrap
 from scripts.import_weights import load_backbone
 from scripts.networks import FPN3d
 
@@ -196,6 +197,7 @@ def segmentation_network(
     num_scales: int = 5,
     head: str = "linear",
     pretrained_ckpt: str | None = None,
+    activation_checkpointing: bool = False,
 ) -> SegmentationNet:
     """Builds the segmentation network for one input channel, from scratch or from a pretrained backbone.
 
@@ -206,6 +208,7 @@ def segmentation_network(
         head: ``"linear"`` (`LinearFPNHead`) or ``"nonlinear"`` (vox2vec's `FPNNonLinearHead`).
         pretrained_ckpt: backbone checkpoint in any form `scripts.import_weights.load_backbone` accepts; None trains
             from scratch.
+        activation_checkpointing: recompute the backbone's residual stages in the backward pass (`FPN3d`).
 
     Raises:
         ValueError: for an unknown `head`, or a checkpoint that does not fit (the message names the file).
@@ -214,7 +217,7 @@ def segmentation_network(
     heads = {"linear", "nonlinear"}
     if head not in heads:
         raise ValueError(f"head must be one of {sorted(heads)}, got {head!r}")
-    backbone = FPN3d(1, base_channels, num_scales)
+    backbone = FPN3d(1, base_channels, num_scales, activation_checkpointing=activation_checkpointing)
     if pretrained_ckpt is not None:
         load_backbone(pretrained_ckpt, backbone)
         # print, not logging: the engine loggers are silent in bundle runs, and this choice must be visible. (Without a
@@ -239,11 +242,11 @@ class BackboneWarmup:
     gradient is None, which frozen ones keep, so it need not be re-created at the switch.
 
     Args:
-        network: the network whose backbone is frozen.
+        network: the network whose backbone is frozen, or its ``DistributedDataParallel`` wrapper.
         warmup_epochs: number of epochs with a frozen backbone; 0 trains everything from the start.
     """
 
-    def __init__(self, network: SegmentationNet, warmup_epochs: int) -> None:
+    def __init__(self, network: SegmentationNet | nn.parallel.DistributedDataParallel, warmup_epochs: int) -> None:
         if warmup_epochs < 0:
             raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs}")
         self.network = network
@@ -256,7 +259,7 @@ class BackboneWarmup:
     def __call__(self, engine: Engine) -> None:
         epoch = engine.state.epoch  # already the epoch about to run at EPOCH_STARTED
         frozen = epoch <= self.warmup_epochs
-        self.network.freeze_backbone(frozen)
+        unwrap(self.network).freeze_backbone(frozen)
         if frozen == self._frozen:
             return
         self._frozen = frozen

@@ -10,10 +10,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def monai_bundle_run(
-    run_id: str | None, config: str, keys: Mapping[str, object], *extra: str
+    run_id: str | None, config: str, keys: Mapping[str, object], *extra: str, nproc: int = 1
 ) -> subprocess.CompletedProcess:
-    """``python -m monai.bundle run [run_id] --config_file config --key value ... *extra``, output captured."""
-    cmd = [sys.executable, "-m", "monai.bundle", "run", *([run_id] if run_id else []), "--config_file", config]
+    """``python -m monai.bundle run [run_id] --config_file config --key value ... *extra``, output captured; with
+    ``nproc > 1`` under ``torchrun --standalone --nproc_per_node=nproc`` (a free port: parallel tests don't clash)."""
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
+    run = ["-m", "monai.bundle", "run", *([run_id] if run_id else [])]
+    cmd = [sys.executable, *launcher, *run, "--config_file", config]
     for key, value in keys.items():
         cmd += [f"--{key}", str(value)]
     # one thread: the tensors are tiny, and two threads per process spin-wait on a shared 2-core machine

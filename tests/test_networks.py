@@ -141,3 +141,17 @@ def test_factory_widths():
     assert [dhr.projection.out_channels, dhr.head.layers[0].out_features] == [160, 160]
     vox2vec = dhr_network(16, 6, projection_width=None, restoration=False)
     assert [vox2vec.projection.out_channels, vox2vec.head.layers[0].out_features] == [1008, 1008]
+
+
+def test_activation_checkpointing_gives_the_same_gradients_and_statistics():
+    torch.manual_seed(0)
+    plain = FPN3d(1, 4, 3)
+    checkpointed = FPN3d(1, 4, 3, activation_checkpointing=True)
+    checkpointed.load_state_dict(plain.state_dict())
+    x = torch.rand(2, 1, 16, 16, 8)
+    for net in (plain, checkpointed):
+        sum(level.square().mean() for level in net(x)).backward()
+    for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, msg=name)
+    for (name, a), b in zip(plain.state_dict().items(), checkpointed.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, msg=name)  # BatchNorm statistics updated once, not again in the recompute

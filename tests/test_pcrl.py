@@ -13,8 +13,8 @@ from ignite.handlers import Checkpoint
 from monai.bundle import ConfigParser
 from test_pretrain_bundle import TINY, write_volumes
 
-from scripts.augmentations import LocalAugmentations
 from scripts.import_weights import extract_backbone_state
+from scripts.local_augmentations import LocalAugmentations
 from scripts.networks import FPN3d
 from scripts.pcrl import (
     PCRLBatch,

@@ -31,7 +31,7 @@ def test_ssl_batch_stacks_views_and_augments_only_the_inputs():
 
 @pytest.mark.parametrize("augmentations", ["local", "vox2vec"])
 def test_ssl_batch_augments_by_sample_index_without_global_rng(augmentations):
-    from scripts.augmentations import build_augmentation
+    from scripts.training import build_augmentation
 
     prepare = SSLBatch(build_augmentation(augmentations, "mri"), seed=3)
     data = sampler_batch(patch=(8, 8, 4))
@@ -82,16 +82,17 @@ def test_gradient_clipping_bounds_the_gradient_norm():
     assert norms[0] == pytest.approx(1.0, rel=1e-4)
 
 
-def test_non_finite_loss_stops_before_the_step_and_names_the_checkpoint(tmp_path):
+def test_non_finite_loss_stops_before_a_checkpoint_and_names_the_last_one(tmp_path):
+    from monai.handlers import CheckpointSaver
+
     (tmp_path / "checkpoint_iteration=7.pt").write_bytes(b"")
     loss = HybridLoss()
     loss.terms = {"infonce": torch.tensor(float("nan"))}
-    engine = trainer(float("nan"), [NonFiniteLossGuard(str(tmp_path), loss)])
-    before = {k: v.clone() for k, v in engine.network.state_dict().items()}
-    with pytest.raises(FloatingPointError, match=r"(?s)Non-finite loss.*infonce=nan.*checkpoint_iteration=7\.pt"):
+    engine = trainer(float("nan"), [NonFiniteLossGuard(str(tmp_path), loss, interval=10, checkpoint_interval=1)])
+    CheckpointSaver(str(tmp_path), {"network": engine.network}, epoch_level=False, save_interval=1).attach(engine)
+    with pytest.raises(FloatingPointError, match=r"(?s)Non-finite loss at iteration 1; infonce=nan.*iteration=7\.pt"):
         engine.run()
-    for key, value in engine.network.state_dict().items():
-        torch.testing.assert_close(value, before[key])
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint_iteration=7.pt"], "no checkpoint after a NaN step"
 
 
 def test_latest_checkpoint_picks_the_highest_iteration(tmp_path):
@@ -135,3 +136,51 @@ def test_per_class_dice_equals_the_hand_computation():
     engine.run([0], max_epochs=1)
     assert engine.state.metrics["val_dice_1"] == pytest.approx(1.0)
     assert engine.state.metrics["val_dice_2"] == pytest.approx(8 / 12)
+
+
+# What copies a tensor's value to the host: on a GPU each call is a host-device synchronisation.
+HOST_READS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__")
+
+
+def test_a_pretraining_step_reads_the_device_once_at_most_except_every_log_interval(tmp_path, monkeypatch):
+    """pretrain.yaml's trainer with every handler (progress, TensorBoard, stats, NaN check, checkpoints, export and
+    --tracking mlflow's): host reads of tensors per iteration, from its start to the next batch's fetch."""
+    from monai.bundle import ConfigWorkflow
+    from test_pretrain_bundle import write_volumes
+
+    write_volumes(tmp_path / "data", count=1)
+    workflow = ConfigWorkflow(
+        "configs/pretrain.yaml",
+        run_id="pretrain",
+        tracking="mlflow",
+        **{"patch_size": [16, 16, 8], "base_channels": 4, "num_scales": 3, "pairs_per_volume": 2},
+        **{"voxels_per_pair": 32, "epochs": 1, "epoch_length": 8, "log_interval": 4, "num_workers": 0},
+        **{"dataset_dir": str(tmp_path / "data"), "output_dir": str(tmp_path / "out"), "models_dir": str(tmp_path)},
+    )
+    workflow.initialize()
+    trainer = workflow.parser.get_parsed_content("train#trainer")
+    step = [0]  # the iteration running; 0 while a batch is loaded (in DataLoader workers in a real run)
+    trainer.add_event_handler(Events.GET_BATCH_STARTED, lambda _: step.__setitem__(0, 0))
+    trainer.add_event_handler(Events.ITERATION_STARTED, lambda e: step.__setitem__(0, e.state.iteration))
+    reads: dict[int, int] = {}
+    optimizer = workflow.parser.get_parsed_content("optimizer")
+
+    def host_counter(tensor) -> bool:  # Adam keeps its step counts on the host on purpose: reading them is free
+        return any(tensor is state.get("step") for state in optimizer.state.values())
+
+    def counted(original):
+        def read(tensor, *args, **kwargs):
+            if step[0] and not host_counter(tensor):
+                reads[step[0]] = reads.get(step[0], 0) + 1
+            return original(tensor, *args, **kwargs)
+
+        return read
+
+    for name in HOST_READS:
+        monkeypatch.setattr(torch.Tensor, name, counted(getattr(torch.Tensor, name)))
+    workflow.run()
+    monkeypatch.undo()
+    workflow.finalize()
+    logged = {4, 8}  # every log_interval, and the epoch's end
+    assert all(reads.get(i, 0) <= 1 for i in range(1, 9) if i not in logged), reads
+    assert all(reads[i] > 1 for i in logged), f"the count sees the log steps' reads: {reads}"

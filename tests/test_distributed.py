@@ -1,0 +1,117 @@
+"""Multi-process training on CPU (gloo): 2 ranks under torchrun, tiny settings; and the gathered InfoNCE."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from bundle import monai_bundle_run
+from info_nce_worker import gathered_info_nce
+from test_pretrain_bundle import TINY, write_volumes
+from test_train_bundle import TINY as TRAIN_TINY
+from test_train_bundle import write_cases
+
+from scripts.losses import info_nce
+from scripts.networks import FPN3d
+
+PROBE = "tests/configs/rank_probe.yaml"
+MULTI = "configs/multi_gpu_pretrain.yaml"
+
+
+def pretrain(tmp: Path, *configs: str, epochs: int, **keys: str):
+    config = str(["configs/pretrain.yaml", *configs, MULTI, PROBE])
+    paths = {"dataset_dir": tmp / "data", "output_dir": tmp / "out", "models_dir": tmp / "models"}
+    result = monai_bundle_run("pretrain", config, {**TINY, **paths, "epochs": epochs, **keys}, nproc=2)
+    return result, [torch.load(tmp / f"out/probe/rank{r}.pt", weights_only=True) for r in range(2)]
+
+
+def assert_same(first: dict, second: dict) -> None:
+    assert first.keys() == second.keys()
+    for key in first:
+        torch.testing.assert_close(first[key], second[key], rtol=0, atol=0, msg=key)
+
+
+@pytest.fixture(scope="module")
+def dhr(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ddp")
+    write_volumes(tmp / "data", count=3)
+    result, ranks = pretrain(tmp, epochs=2)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return tmp, ranks
+
+
+def test_dhr_ranks_draw_their_own_data_and_end_with_the_same_weights(dhr):
+    tmp, ranks = dhr
+    assert ranks[0]["iteration"] == ranks[1]["iteration"] == 6
+    assert not set(ranks[0]["batches"]) & set(ranks[1]["batches"]), "the ranks drew the same patches"
+    assert_same(ranks[0]["parameters"], ranks[1]["parameters"])
+    assert [p.name for p in (tmp / "out/checkpoints").iterdir()] == ["checkpoint_iteration=6.pt"]
+    assert [p.name for p in (tmp / "models").iterdir()] == ["pretrained_backbone.pt"]
+    exported = torch.load(tmp / "models/pretrained_backbone.pt", weights_only=True)
+    FPN3d(1, 4, 3).load_state_dict(exported)  # no DDP "module." prefix
+    rank0 = {**ranks[0]["parameters"], **ranks[0]["buffers"]}
+    assert_same(exported, {k.removeprefix("backbone."): v for k, v in rank0.items() if k.startswith("backbone.")})
+
+
+def test_a_resumed_two_process_run_continues_from_the_saved_iteration(dhr):
+    tmp, _ = dhr
+    result, ranks = pretrain(tmp, epochs=3)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "checkpoint_iteration=6.pt" in result.stdout
+    assert ranks[0]["iteration"] == ranks[1]["iteration"] == 9 and len(ranks[0]["batches"]) == 3
+    saved = {p.name for p in (tmp / "out/checkpoints").iterdir()}  # the older one stays (as in a 1-process resume)
+    assert saved == {"checkpoint_iteration=6.pt", "checkpoint_iteration=9.pt"}
+
+
+def test_a_non_finite_loss_on_one_rank_stops_both_with_one_message(dhr):
+    tmp, _ = dhr
+    keys = {"output_dir": tmp / "nan", "nan_rank": 1, "nan_iteration": 2, "log_interval": 2, "augmentations": "none"}
+    config = str(["configs/pretrain.yaml", MULTI, PROBE])
+    result = monai_bundle_run("pretrain", config, {**TINY, "dataset_dir": tmp / "data", **keys, "epochs": 1}, nproc=2)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if "error: " in line]  # torchrun prefixes "[rank0]: "
+    assert len(errors) == 1 and "Non-finite loss at iteration 2 on rank 1" in errors[0], result.stderr[-3000:]
+    assert not (tmp / "nan/checkpoints").exists() or not any((tmp / "nan/checkpoints").iterdir())
+
+
+def test_pcrl_ranks_share_queue_teacher_and_weights(tmp_path):
+    write_volumes(tmp_path / "data", count=2)
+    result, ranks = pretrain(tmp_path, "configs/pretrain_pcrl.yaml", epochs=1, queue_size=16)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert not set(ranks[0]["batches"]) & set(ranks[1]["batches"])
+    assert_same(ranks[0]["parameters"], ranks[1]["parameters"])
+    assert_same(ranks[0]["buffers"], ranks[1]["buffers"])  # queue, pointer, teacher and BatchNorm statistics
+    assert int(ranks[0]["buffers"]["queue_ptr"]) == 3 * 2 * 2 % 16, "3 steps x 2 ranks x 2 keys enqueued"
+    assert len(list((tmp_path / "out/checkpoints").iterdir())) == 1
+
+
+def test_fine_tuning_on_two_ranks(tmp_path):
+    write_cases(tmp_path / "data")
+    keys = {**TRAIN_TINY, "dataset_dir": tmp_path / "data", "output_dir": tmp_path / "out"}
+    keys.update(models_dir=tmp_path / "models", warmup_epochs=1, num_val_cases=1)
+    config = "['configs/train.yaml','configs/multi_gpu_train.yaml','tests/configs/rank_probe.yaml']"
+    result = monai_bundle_run(None, config, keys, nproc=2)
+    assert result.returncode == 0, result.stderr[-4000:]
+    ranks = [torch.load(tmp_path / f"out/probe/rank{r}.pt", weights_only=True) for r in range(2)]
+    assert not set(ranks[0]["batches"]) & set(ranks[1]["batches"])
+    assert_same(ranks[0]["parameters"], ranks[1]["parameters"])
+    assert [p.name for p in (tmp_path / "models").iterdir()] == ["model.pt"]
+    assert result.stdout.count("epoch 2: backbone unfrozen") == 2  # both ranks, warm-up over DDP
+
+
+def test_gathered_info_nce_and_gradients_equal_one_process_on_all_embeddings(tmp_path):
+    torch.manual_seed(0)
+    z1 = torch.nn.functional.normalize(torch.randn(10, 8), dim=1)
+    z2 = torch.nn.functional.normalize(z1 + 0.3 * torch.randn(10, 8), dim=1)
+    valid = torch.tensor([1, 1, 0, 1, 1, 1, 1, 1, 0, 1], dtype=torch.bool)
+    port = 20000 + os.getpid() % 20000
+    mp.spawn(gathered_info_nce, args=(port, z1, z2, valid, str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    a, b = z1.clone().requires_grad_(), z2.clone().requires_grad_()
+    expected = info_nce(a, b, 0.1, valid)
+    expected.backward()
+    torch.testing.assert_close((ranks[0]["loss"] + ranks[1]["loss"]) / 2, expected.detach())
+    torch.testing.assert_close(torch.cat([r["grad1"] for r in ranks]), a.grad)
+    torch.testing.assert_close(torch.cat([r["grad2"] for r in ranks]), b.grad)
+    torch.testing.assert_close(info_nce(z1[valid], z2[valid], 0.1), expected.detach())  # masking = removing
