@@ -529,6 +529,14 @@ def build_augmentation(name: str, modality: str) -> LocalAugmentations | Vox2Vec
         name: "local" (DHR's local augmentations), "vox2vec" (blur or sharpen, noise, HU window) or "none".
         modality: the data's preset, which vox2vec's augmentations need ("ct_wide" or "mri").
     """
+    descriptions = {
+        "local": "local (DHR): pixel shuffling, intensity remap, in-painting",
+        "vox2vec": "vox2vec's: blur or sharpen, noise, intensity window",
+        "none": "none",
+    }
+    if name in descriptions:
+        # print, not logging: the engine loggers are silent in bundle runs, and an ablation must be visible.
+        print(f"augmentations: {descriptions[name]}")
     if name == "local":
         return LocalAugmentations()
     if name == "vox2vec":
