@@ -100,6 +100,14 @@ def test_linear_evaluation_leaves_the_backbone_bitwise_unchanged(labelled):
         assert torch.equal(value, pretrained[key]), key
 
 
+def test_linear_evaluation_refuses_a_warm_up(labelled):
+    config = "['configs/train.yaml','configs/linear_eval.yaml']"
+    result = run_bundle(labelled, config=config, warmup_epochs="1", output_dir=str(labelled / "linear_warmup"))
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: warmup_epochs=1 with configs/linear_eval.yaml"), last
+
+
 def test_labels_beyond_num_classes_stop_with_the_file_name(labelled):
     result = run_bundle(labelled, num_classes="1", output_dir=str(labelled / "bad"))
     assert result.returncode != 0
