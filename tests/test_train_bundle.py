@@ -84,6 +84,9 @@ def test_fine_tuning_freezes_the_backbone_for_the_warm_up_then_trains_it(labelle
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     metrics = set().union(*(run.data.metrics for run in runs))
     assert {"val_mean_dice", "val_dice_1", "val_dice_2", "train_loss"} <= metrics
+    (run,) = runs
+    assert run.info.run_name == "finetune backbone n=all fold 0"
+    assert run.data.params["warmup_epochs"] == "1" and run.data.params["pretrained_ckpt"].endswith("backbone.pt")
 
 
 def test_linear_evaluation_leaves_the_backbone_bitwise_unchanged(labelled):
