@@ -86,12 +86,16 @@ def cuda_step(volume: dict, sampler: VoxelPairSamplerd, repeats: int, amp: bool)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--volume", type=int, nargs=3, default=[320, 240, 200])
-    parser.add_argument("--patch", type=int, nargs=3, default=[128, 128, 32])
-    parser.add_argument("--pairs", type=int, default=10)
-    parser.add_argument("--voxels", type=int, default=1024)
+    parser = argparse.ArgumentParser(
+        prog="python -m scripts.benchmark",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--repeats", type=int, default=10, help="timed repetitions (the median is printed)")
+    parser.add_argument("--volume", type=int, nargs=3, default=[320, 240, 200], help="synthetic volume size (voxels)")
+    parser.add_argument("--patch", type=int, nargs=3, default=[128, 128, 32], help="patch size (voxels)")
+    parser.add_argument("--pairs", type=int, default=10, help="voxel pairs per batch")
+    parser.add_argument("--voxels", type=int, default=1024, help="matched voxels per pair")
     args = parser.parse_args()
 
     torch.manual_seed(0)

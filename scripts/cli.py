@@ -24,7 +24,7 @@ _INSTEAD = {"projection_width": "--projection_width raw concatenates the raw pyr
 def none_overrides(argv: Sequence[str]) -> list[str]:
     """The keys given the value ``None`` in ``argv``, as ``--key None`` or ``--key=None``."""
     keys = []
-    for arg, following in zip(argv, [*argv[1:], ""], strict=True):
+    for arg, following in zip(argv, [*argv[1:], ""], strict=False):  # argv may be empty
         if not arg.startswith("--"):
             continue
         key, sep, value = arg[2:].partition("=")

@@ -93,7 +93,11 @@ def load_backbone(path: str, backbone: FPN3d) -> FPN3d:
 
 def main(argv: list[str] | None = None) -> None:
     """Command line entry point; exits with status 1 and a one-line message on a missing or unfitting file."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m scripts.import_weights",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("src", help="released weights or checkpoint (.pt / .ckpt)")
     parser.add_argument("dst", help="output file: the plain FPN3d state dict")
     parser.add_argument("--base_channels", type=int, default=32, help="32 for DHR, 16 for vox2vec")
