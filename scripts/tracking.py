@@ -67,9 +67,31 @@ def record_config(handlers: Iterable, output_dir: str | os.PathLike) -> None:
             continue
         params = config_params(json.loads(config_file.read_text()))
         params.pop("save_execute_config", None)  # its file name changes with every start: the artifact says it
+        # MLflow refuses to change a logged parameter, and the handler continues an unfinished run of the same name
+        # (a killed run, resumed, perhaps with a larger --epochs): keep that run's values; each start's config file
+        # holds its own.
+        logged = _unfinished_run_params(handler)
+        params = {k: v for k, v in params.items() if k not in logged}
         handler.experiment_param = {**(handler.experiment_param or {}), **params}
         others = [a for a in handler.artifacts if a and executed_config([a], output_dir) is None]
         handler.artifacts = (*others, str(config_file))
+
+
+def _unfinished_run_params(handler) -> dict[str, str]:
+    """The parameters of the run ``handler`` will continue when it starts (its own choice, in
+    ``MLFlowHandler.start``): the last unfinished run of its name in its experiment; empty when it will create one."""
+    from mlflow.entities import RunStatus
+
+    experiment = handler.client.get_experiment_by_name(handler.experiment_name)
+    if experiment is None:
+        return {}
+    finished = RunStatus.to_string(RunStatus.FINISHED)
+    runs = [
+        run
+        for run in handler.client.search_runs([experiment.experiment_id])
+        if run.info.status != finished and (run.info.run_name == handler.run_name or not handler.run_name)
+    ]
+    return runs[-1].data.params if runs else {}
 
 
 def pretrain_run_name(method: str, **settings) -> str:
