@@ -39,10 +39,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from scripts import log
-from scripts.local_augmentations import LocalAugmentations
 from scripts.cache import write_entry
+from scripts.local_augmentations import LocalAugmentations
 from scripts.losses import HybridLoss
 from scripts.networks import dhr_network
 from scripts.sampler import VoxelPairDataset, VoxelPairSamplerd
@@ -228,12 +227,16 @@ def memory_estimates(patch: tuple[int, int, int], pairs: int, voxels: int) -> li
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--volume", type=int, nargs=3, default=[320, 240, 200])
-    parser.add_argument("--patch", type=int, nargs=3, default=[128, 128, 32])
-    parser.add_argument("--pairs", type=int, default=10)
-    parser.add_argument("--voxels", type=int, default=1024)
+    parser = argparse.ArgumentParser(
+        prog="python -m scripts.benchmark",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--repeats", type=int, default=10, help="timed repetitions (the median is printed)")
+    parser.add_argument("--volume", type=int, nargs=3, default=[320, 240, 200], help="synthetic volume size (voxels)")
+    parser.add_argument("--patch", type=int, nargs=3, default=[128, 128, 32], help="patch size (voxels)")
+    parser.add_argument("--pairs", type=int, default=10, help="voxel pairs per batch")
+    parser.add_argument("--voxels", type=int, default=1024, help="matched voxels per pair")
     parser.add_argument("--cache_dir", default=None, help="where the benchmark's cache entry goes (a disk, not tmpfs)")
     parser.add_argument("--memory", action="store_true", help="print memory estimates instead (nothing is run)")
     args = parser.parse_args()

@@ -42,7 +42,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from scripts.data import PRESETS, VolumeWarning, preprocessing
 from scripts.distributed import is_main
 from scripts.errors import BundleError

@@ -3,20 +3,25 @@
 Usage (from the bundle root)::
 
     python -m scripts.compare --methods dhr vox2vec pcrl [--output_dir runs/compare] [--budgets 1 2 4] [--folds 0 1 2]
-        [--modes linear finetune] [--tracking mlflow] [--pretrain_args "--epochs 100 --dataset_dir /data/ct"]
+        [--modes linear finetune] [--warmup_epochs N] [--tracking mlflow]
+        [--pretrain_args "--epochs 100 --dataset_dir /data/ct"]
         [--study_args "--epochs 50 --dataset_dir /data/labelled"]
 
 Each method is pretrained with its config (``configs/pretrain.yaml`` plus its override file) and the same
-``--pretrain_args`` into ``<output_dir>/pretrain_<method>``, which exports ``pretrained_backbone.pt`` there; a method
-whose backbone exists is not pretrained again, and an interrupted pretraining resumes. Then every backbone, and training
-from scratch, goes through :mod:`scripts.study` (``<output_dir>/study``): one table and one plot, methods side by side.
-Each backbone brings its own architecture and preprocessing preset (its ``.json`` sidecar, see `scripts.weights`), so
-methods of different sizes compare in one study.
-"""
+``--pretrain_args`` into ``<output_dir>/pretrain_<method>_<digest>``, whose ``args.json`` holds the run's identity (the
+method, its configs and the arguments; ``<digest>`` is a hash of it) and which receives the backbone
+``pretrained_backbone.pt`` with its ``.json`` sidecar (architecture and preprocessing preset, see `scripts.weights`), so
+methods of different sizes compare in one study. A method whose backbone exists for the same identity is not pretrained
+again, an interrupted pretraining resumes, and changed arguments pretrain anew in a new folder. Then every backbone, and
+training from scratch, goes through :mod:`scripts.study` (``<output_dir>/study``, every study option accepted): one
+table and one plot, methods side by side. Every argument is checked before the first pretraining starts. With
+``--tracking mlflow`` the comparison is one MLflow experiment in ``<output_dir>/mlruns.db``: a run per pretraining and
+per study cell, and the study's table and plot."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import shlex
 import subprocess
@@ -25,6 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from scripts import log, study
+from scripts.cli import none_overrides
 
 logger = logging.getLogger(__name__)
 
@@ -35,47 +41,68 @@ METHODS = {
     "vox2vec": ["configs/pretrain.yaml", "configs/pretrain_vox2vec.yaml"],
     "pcrl": ["configs/pretrain.yaml", "configs/pretrain_pcrl.yaml"],
 }
+# Keys the comparison sets for each pretraining itself.
+OWN_KEYS = {"output_dir", "backbone_file", "progress", "tracking", "tracking_uri", "experiment_name"}
 
 
-def pretrain(method: str, root: Path, extra: Sequence[str] = ()) -> Path:
-    """Pretrains one method (unless its backbone exists) and returns the backbone file."""
-    folder = root / f"pretrain_{method}"
+def pretrain(method: str, root: Path, extra: Sequence[str] = (), tracking: study.Tracking | None = None) -> Path:
+    """Pretrains one method (unless its backbone exists for the same arguments) and returns the backbone file."""
+    identity = {"method": method, "configs": METHODS[method], "args": list(extra)}
+    folder = root / f"pretrain_{method}_{study.args_digest(identity)}"
     backbone = folder / "pretrained_backbone.pt"  # where pretraining exports it
     if backbone.is_file():
         logger.info(f"done already: {backbone}")
         return backbone
+    others = sorted(p for p in root.glob(f"pretrain_{method}_*") if p != folder)
+    differs = f" (other arguments than {', '.join(map(str, others))}: see args.json there)" if others else ""
     folder.mkdir(parents=True, exist_ok=True)
+    (folder / "args.json").write_text(json.dumps(identity, indent=2) + "\n")
     keys = {"output_dir": str(folder), "progress": "False"}
-    logger.info(f"pretraining {method} into {folder}")
-    with open(folder / "log.txt", "a") as log:
+    track = []
+    if tracking:  # the run name is the config's own: the method and any ablation
+        track = ["--tracking", "mlflow", "--tracking_uri", tracking.uri, "--experiment_name", tracking.experiment]
+    logger.info(f"pretraining {method} into {folder}{differs}")
+    with open(folder / "log.txt", "a") as log_file:
         try:
-            study.bundle_run("pretrain", METHODS[method], keys, extra, log)
+            study.bundle_run("pretrain", METHODS[method], keys, [*extra, *track], log_file)
         except subprocess.CalledProcessError as err:
             raise RuntimeError(f"Pretraining {method} failed; see {folder / 'log.txt'}") from err
     return backbone
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--output_dir", default="runs/compare")
-    parser.add_argument("--modes", nargs="+", default=["linear", "finetune"], choices=sorted(study.CONFIGS))
-    parser.add_argument("--budgets", nargs="+", type=int, default=[1, 2, 4])
-    parser.add_argument("--folds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--tracking", choices=["mlflow"], help="track every run, the table and the plot in MLflow")
-    parser.add_argument("--pretrain_args", default="", help="arguments for every pretraining run, quoted")
-    parser.add_argument("--study_args", default="", help="arguments for every downstream run, quoted")
+    parser = argparse.ArgumentParser(
+        prog="python -m scripts.compare",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="Runs: one pretraining per method, then (1 from scratch + one per method) x modes x budgets x folds "
+        "study cells, each a training and an evaluation run; with the defaults 3 pretrainings and "
+        "(1 + 3) x 2 x 3 x 3 = 72 cells.",
+    )
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), help="methods")
+    parser.add_argument("--output_dir", default="runs/compare", help="pretrainings, study/, mlruns.db")
+    study.add_study_arguments(parser)
+    quoted = "quoted (default: %(default)r)"
+    parser.add_argument("--pretrain_args", default="", help=f"arguments of every pretraining, {quoted}")
+    parser.add_argument("--study_args", default="", help=f"arguments of every study run, {quoted}")
     args = parser.parse_args(argv)
     log.configure()
+    try:
+        pretrain_args, study_args = shlex.split(args.pretrain_args), shlex.split(args.study_args)
+    except ValueError as err:
+        parser.error(f"--pretrain_args/--study_args: {err}")
+    study.check_study_arguments(parser, args, study_args)
+    own = sorted({a[2:].partition("=")[0] for a in pretrain_args if a.startswith("--")} & OWN_KEYS)
+    if own:
+        parser.error(f"{', '.join('--' + k for k in own)} in --pretrain_args: set by the comparison for each method")
+    if none := none_overrides(pretrain_args):
+        parser.error(f"--{none[0]} None in --pretrain_args: MONAI's command line would drop it")
 
     root = Path(args.output_dir)
-    tracking = ["--tracking", args.tracking] if args.tracking else []
-    backbones = [str(pretrain(m, root, [*shlex.split(args.pretrain_args), *tracking])) for m in args.methods]
-    study.main(
-        ["--pretrained", *backbones, "--modes", *args.modes, "--budgets", *map(str, args.budgets)]
-        + ["--folds", *map(str, args.folds), "--output_dir", str(root / "study"), *tracking]
-        + ["--", *shlex.split(args.study_args)]
-    )
+    root.mkdir(parents=True, exist_ok=True)
+    tracking = study.Tracking(root / "mlruns.db", "method_comparison") if args.tracking == "mlflow" else None
+    args.pretrained = [str(pretrain(m, root, pretrain_args, tracking)) for m in args.methods]
+    study.study(args, root / "study", study_args, tracking)
 
 
 if __name__ == "__main__":

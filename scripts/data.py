@@ -30,7 +30,6 @@ from monai.transforms import (
 )
 from monai.utils import convert_to_dst_type, convert_to_numpy, ensure_tuple
 from scipy import ndimage
-
 from scripts.errors import BundleError
 
 __all__ = [

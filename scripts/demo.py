@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import logging
 import math
 import os
 from pathlib import Path
@@ -19,6 +20,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.transforms.utils import create_rotate, create_scale, create_translate
+from scripts import log
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["prepare_demo"]
 
@@ -134,7 +138,11 @@ def prepare_demo(root: str | os.PathLike, num_subjects: int = 12, spacing: float
     if _is_complete(datalist, params):
         return str(datalist)
     datalist.unlink(missing_ok=True)  # a rebuild with other arguments must not leave a stale, valid-looking list
-
+    logger.info(
+        f"preparing the demo dataset in {root} (once, offline): {num_subjects} synthetic brain MRI subjects, the MNI "
+        f"ICBM152 template warped at {spacing:g} mm with tissue labels",
+        flush=True,
+    )
     folder = _template_dir()
     t1_file = nib.load(folder / _TEMPLATE.format("t1"))
     t1, gm, wm = (
@@ -175,16 +183,22 @@ def prepare_demo(root: str | os.PathLike, num_subjects: int = 12, spacing: float
     tmp = datalist.with_name(f".{os.getpid()}.dataset.json")
     tmp.write_text(json.dumps(content, indent=2))
     os.replace(tmp, datalist)
+    logger.info(f"demo dataset ready: {datalist}")
     return str(datalist)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Prepare the embedded demo dataset and print its dataset.json path.")
-    parser.add_argument("root", nargs="?", default="data/demo", help="output folder (default: data/demo)")
-    parser.add_argument("--num-subjects", type=int, default=12)
+    parser = argparse.ArgumentParser(
+        prog="python -m scripts.demo",
+        description="Prepare the embedded demo dataset and print its dataset.json path.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("root", nargs="?", default="data/demo", help="output folder")
+    parser.add_argument("--num-subjects", type=int, default=12, help="number of subjects")
     parser.add_argument("--spacing", type=float, default=2.0, help="voxel size in mm")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="subject i is drawn from seed + i")
     args = parser.parse_args()
+    log.configure()
     print(prepare_demo(args.root, args.num_subjects, args.spacing, args.seed))
 
 

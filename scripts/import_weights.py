@@ -22,13 +22,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
-from torch import Tensor
-
 from scripts import log
 from scripts.errors import BundleError
 from scripts.networks import FPN3d
 from scripts.training import latest_checkpoint
 from scripts.weights import infer_info, matches, save_weights
+from torch import Tensor
 
 logger = logging.getLogger(__name__)
 
@@ -185,7 +184,9 @@ def import_backbone(src: str | os.PathLike, dst: str | os.PathLike, **given) -> 
 def main(argv: Sequence[str] | None = None) -> None:
     """Command line entry point; exits with status 1 and a one-line message on a missing or unfitting file."""
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        prog="python -m scripts.import_weights",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("src", help="released weights, a checkpoint (.pt / .ckpt) or a checkpoint folder")
     parser.add_argument("dst", help="output file: the plain FPN3d state dict, beside it its .json sidecar")

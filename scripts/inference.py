@@ -10,7 +10,6 @@ import logging
 from pathlib import Path
 
 from monai.utils import ensure_tuple
-
 from scripts.data import load_datalist
 from scripts.errors import BundleError
 from scripts.splits import read_volume

@@ -235,11 +235,7 @@ class LocalAugmentations:
         return (axes[0][:, None, None] + axes[1][None, :, None] + axes[2][None, None, :]).view(-1)
 
     def _sample_boxes(
-        self,
-        batch: int,
-        spatial: tuple[int, int, int],
-        device: torch.device,
-        generator: torch.Generator | None = None,
+        self, batch: int, spatial: tuple[int, int, int], device: torch.device, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """
         Draw the in-painting boxes.

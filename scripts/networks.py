@@ -3,14 +3,18 @@
 `FPN3d` reproduces the authors' backbone module for module, so their released weights load with `strict=True`.
 """
 
+import logging
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from scripts.errors import BundleError
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "ResBlock3d",
@@ -323,7 +327,7 @@ class VoxelEmbeddingNet(nn.Module):
 def dhr_network(
     base_channels: int = 32,
     num_scales: int = 5,
-    projection_width: int | None = 32,
+    projection_width: int | str | None = 32,
     head_hidden: int | None = None,
     embedding_dim: int = 128,
     restoration: bool = True,
@@ -334,12 +338,13 @@ def dhr_network(
     """Builds the pretraining network for one input channel.
 
     The defaults give DHR (FPN3d 32/5, 5 x 32 = 160 -> 160 -> 160 -> 128, restoration head); vox2vec is
-    ``dhr_network(16, 6, projection_width=None, restoration=False)`` (1008 -> 1008 -> 1008 -> 128).
+    ``dhr_network(16, 6, projection_width="raw", restoration=False)`` (1008 -> 1008 -> 1008 -> 128).
 
     Args:
         base_channels: channels of the finest pyramid level.
         num_scales: number of pyramid levels.
-        projection_width: channels per level after projection, or None for raw concatenation.
+        projection_width: channels per level after projection, or ``"raw"`` (or None) for raw concatenation. The
+            config key takes ``raw`` because MONAI's command line drops a ``None`` value (`scripts.cli`).
         head_hidden: hidden width of the projection head; None means the projection's output width.
         embedding_dim: embedding length.
         restoration: add the restoration head.
@@ -347,8 +352,26 @@ def dhr_network(
         seed: seed of the frozen projections.
         activation_checkpointing: recompute the backbone's residual stages in the backward pass (`FPN3d`).
     """
+    if projection_width == "raw":
+        projection_width = None
+    if projection_width is not None and not (isinstance(projection_width, int) and projection_width > 0):
+        raise BundleError(
+            f"projection_width={projection_width!r}: give a positive number of channels per level, or raw to "
+            "concatenate the raw pyramid levels (vox2vec)."
+        )
     backbone = FPN3d(1, base_channels, num_scales, activation_checkpointing=activation_checkpointing)
     projection = MultiscaleProjection(backbone.out_channels, projection_width, freeze_projections, seed)
     hidden = projection.out_channels if head_hidden is None else head_hidden
     head = ProjectionHead(projection.out_channels, hidden, embedding_dim)
+    levels = len(backbone.out_channels)
+    if projection_width is None:
+        vectors = f"raw levels concatenated ({projection.out_channels})"
+    else:
+        state = "frozen random" if freeze_projections else "trained"
+        vectors = f"{state} projections {levels} x {projection_width}"
+    # print, not logging: the engine loggers are silent in bundle runs, and what an ablation built must be visible.
+    logger.info(
+        f"pretraining network: FPN3d(1, {base_channels}, {num_scales}), {vectors} -> head {hidden}-{hidden}-"
+        f"{embedding_dim}, {'with' if restoration else 'no'} restoration head"
+    )
     return VoxelEmbeddingNet(backbone, projection, head, restoration)

@@ -12,8 +12,9 @@ transformations ``T1, T2`` per patch and ``alpha ~ Beta(1, 1)`` folded to [0.5, 
 - contrastive: query = student embedding of ``x1``, key = teacher embedding of ``x2``; InfoNCE against the key and the
   queue; the plain keys are enqueued once after the optimiser step.
 - ``student``: decode(student features of ``x1``, gated by ``T1``) -> ``T1(c1)``.
-- ``teacher``: decode(teacher features of ``x2``, gated by ``T2``) -> ``T2(c2)``; the teacher features carry no
-  gradient, so this term trains the shared decoder, the attention and the restoration head only.
+- ``teacher`` (optional, off by default; not in the authors' code): decode(teacher features of ``x2``, gated by
+  ``T2``) -> ``T2(c2)``; the teacher features carry no gradient, so this term trains the shared decoder, the attention
+  and the restoration head only.
 - ``hybrid``: decode(alpha * gated student features + (1 - alpha) * gated teacher features, every level)
   -> ``alpha * T1(c1) + (1 - alpha) * T2(c2)``. Each bottleneck is gated by its own transformation before the mix, as
   in the authors' code, so the target is the matching mix of the two branches' targets.
@@ -26,7 +27,10 @@ transformations ``T1, T2`` per patch and ``alpha ~ Beta(1, 1)`` folded to [0.5, 
   not enqueued. The authors' code gates nothing in the mixup pass, reconstructs untransformed crops there, and adds a
   third contrastive term against feature-mixed keys; here the mixup pass uses the same ``T1, T2`` as the plain pass.
 
-Loss = mean of the InfoNCE terms + mean of the reconstruction MSEs. Deviations from the authors' code, on purpose:
+Loss = mean of the InfoNCE terms + mean of the reconstruction MSEs: by default the authors' four reconstruction terms
+(``student``, ``hybrid``, ``student_mixup``, ``hybrid_mixup``). Batches: PCRL's negatives are other images, so
+``configs/pretrain_pcrl.yaml`` draws 16 volumes with one voxel pair each per step (the authors' batch of 16), not DHR's
+10 pairs of one volume. Deviations from the authors' code, on purpose:
 targets are the clean crops after ``T`` (theirs: the corrupted input), one enqueue of plain keys per step (theirs:
 three, with mixed keys), InfoNCE (theirs: an NCE variant with wrong constants), a linear restoration head as in DHR
 (theirs: sigmoid), no out-painting (the bundle's local augmentations have none).
@@ -40,11 +44,10 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from monai.engines import SupervisedTrainer
-from torch import Tensor, nn
-
 from scripts.distributed import all_gather, average_, unwrap
 from scripts.networks import FPN3d
 from scripts.training import batch_generator
+from torch import Tensor, nn
 
 __all__ = [
     "CODE_SIZE",
@@ -235,6 +238,7 @@ class PCRLNetwork(nn.Module):
         temperature: InfoNCE temperature.
         momentum: EMA momentum m of the teacher: ``teacher = m * teacher + (1 - m) * student``.
         attention_hidden: hidden width of the attention MLP (7 -> hidden -> bottleneck channels).
+        teacher_reconstruction: also decode the teacher branch (output ``teacher``), an extra term not in PCRL.
     """
 
     def __init__(
@@ -245,9 +249,11 @@ class PCRLNetwork(nn.Module):
         temperature: float = 0.2,
         momentum: float = 0.999,
         attention_hidden: int = 256,
+        teacher_reconstruction: bool = False,
     ) -> None:
         super().__init__()
         self.backbone = backbone
+        self.teacher_reconstruction = teacher_reconstruction
         self.temperature = temperature
         self.momentum = momentum
         bottleneck = backbone.out_channels[-1]
@@ -281,7 +287,8 @@ class PCRLNetwork(nn.Module):
 
         Returns:
             ``logits`` (P, 1 + K): InfoNCE logits (positive first, already divided by the temperature, float32);
-            ``student``, ``teacher``, ``hybrid``: (P, 1, X, Y, Z) reconstructions; with ``mixed`` also
+            ``student``, ``hybrid`` (and with `teacher_reconstruction` ``teacher``): (P, 1, X, Y, Z) reconstructions;
+            with ``mixed`` also
             ``logits_mixup``, ``student_mixup`` and ``hybrid_mixup``.
         """
         pairs = images.shape[0] // 2
@@ -291,9 +298,10 @@ class PCRLNetwork(nn.Module):
         outputs = {
             "logits": self._logits(self._embed(self.head, student[-1]), keys),
             "student": self._reconstruct(student_gated),
-            "teacher": self._reconstruct(teacher_gated),
             "hybrid": self._reconstruct(_mix(student_gated, teacher_gated, alpha)),
         }
+        if self.teacher_reconstruction:
+            outputs["teacher"] = self._reconstruct(teacher_gated)
         if self.training:
             self._keys = keys
         if mixed is not None:
@@ -366,7 +374,8 @@ class PCRLNetwork(nn.Module):
 
 class PCRLLoss(nn.Module):
     """
-    PCRL's loss: mean of the InfoNCE terms + mean of the reconstruction MSEs (1:1, as in the paper).
+    PCRL's loss: mean of the InfoNCE terms + mean of the reconstruction MSEs (1:1, as in the paper); the reconstruction
+    terms are the authors' four (``student``, ``hybrid`` and their mixup versions) unless `teacher_reconstruction`.
 
     InfoNCE is the cross-entropy of each query's logits with the positive (index 0). The detached value of each term
     of the last call is kept in :attr:`terms` (as in `scripts.losses.HybridLoss`) for logging.
@@ -374,11 +383,13 @@ class PCRLLoss(nn.Module):
     Args:
         mixup: whether the input-mixup terms are expected (``infonce_mixup``, ``mse_student_mixup``,
             ``mse_hybrid_mixup``).
+        teacher_reconstruction: whether the extra ``teacher`` reconstruction term is expected (``mse_teacher``).
     """
 
-    def __init__(self, mixup: bool = True) -> None:
+    def __init__(self, mixup: bool = True, teacher_reconstruction: bool = False) -> None:
         super().__init__()
         self.mixup = mixup
+        self.teacher_reconstruction = teacher_reconstruction
         self.terms: dict[str, Tensor] = {}
 
     @property
@@ -387,7 +398,7 @@ class PCRLLoss(nn.Module):
 
     @property
     def reconstruction_names(self) -> list[str]:
-        names = ["student", "teacher", "hybrid"]
+        names = ["student", "teacher", "hybrid"] if self.teacher_reconstruction else ["student", "hybrid"]
         return [*names, "student_mixup", "hybrid_mixup"] if self.mixup else names
 
     @property

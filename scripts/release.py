@@ -34,7 +34,6 @@ from pathlib import Path
 
 import torch
 import yaml
-
 from scripts import log, weights
 from scripts.errors import BundleError
 from scripts.networks import FPN3d

@@ -18,9 +18,9 @@ and the identity, which MONAI's handlers cannot add.
 
 from __future__ import annotations
 
-import logging
 import fcntl
 import json
+import logging
 import os
 import random
 import re
@@ -35,7 +35,6 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
-
 from scripts.distributed import is_main
 from scripts.errors import BundleError
 

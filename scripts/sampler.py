@@ -15,7 +15,6 @@ import torch
 from ignite.engine import Engine, Events
 from monai.config import KeysCollection
 from monai.transforms import MapTransform, Randomizable
-
 from scripts import distributed
 from scripts.cache import open_volume
 from scripts.errors import BundleError

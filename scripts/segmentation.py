@@ -11,11 +11,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from ignite.engine import Engine, Events
-from torch import Tensor
-
 from scripts.distributed import unwrap
+from scripts.errors import BundleError
 from scripts.import_weights import load_backbone
 from scripts.networks import FPN3d
+from torch import Tensor
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +25,7 @@ __all__ = [
     "SegmentationNet",
     "segmentation_network",
     "BackboneWarmup",
+    "check_linear_evaluation",
     "probabilities_to_labels",
 ]
 
@@ -233,24 +234,39 @@ def segmentation_network(
 
 
 class BackboneWarmup:
-    """Ignite/MONAI handler: freezes the backbone for the first `warmup_epochs` epochs, then trains everything.
+    """Ignite/MONAI handler: freezes a loaded backbone for the first `warmup_epochs` epochs, then trains everything.
 
     Epoch ``e`` (1-based) runs with a frozen backbone iff ``e <= warmup_epochs``, decided from ``engine.state.epoch`` at
-    every epoch start, so a run resumed from a checkpoint gets the right state. ``warmup_epochs >= max_epochs`` keeps
-    the backbone frozen throughout (linear evaluation). The learning rate is left unchanged at the switch (the authors'
-    code lowered it by accident). The optimizer may hold all parameters from the start: Adam skips parameters whose
-    gradient is None, which frozen ones keep, so it need not be re-created at the switch.
+    every epoch start, so a run resumed from a checkpoint gets the right state. ``warmup_epochs="all"`` keeps the
+    backbone frozen throughout (linear evaluation, also of a random backbone: the from-scratch reference). A warm-up
+    protects pretrained features from the random head's first gradients, so it applies only to a loaded backbone: from
+    scratch (``pretrained=False``) a number of warm-up epochs is ignored and everything trains from epoch 1. The
+    learning rate is left unchanged at the switch (the authors' code lowered it by accident). The optimizer may hold
+    all parameters from the start: Adam skips parameters whose gradient is None, which frozen ones keep, so it need
+    not be re-created at the switch.
 
     Args:
         network: the network whose backbone is frozen, or its ``DistributedDataParallel`` wrapper.
-        warmup_epochs: number of epochs with a frozen backbone; 0 trains everything from the start.
+        warmup_epochs: number of epochs with a frozen backbone (0 trains everything from the start), or ``"all"``.
+        pretrained: whether the backbone was loaded from a file; False means from scratch.
+
+    Raises:
+        BundleError: naming the key ``warmup_epochs`` when it is neither a number >= 0 nor ``"all"``.
     """
 
-    def __init__(self, network: SegmentationNet | nn.parallel.DistributedDataParallel, warmup_epochs: int) -> None:
-        if warmup_epochs < 0:
-            raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs}")
+    def __init__(
+        self,
+        network: SegmentationNet | nn.parallel.DistributedDataParallel,
+        warmup_epochs: int | str,
+        pretrained: bool = True,
+    ) -> None:
+        if warmup_epochs != "all" and not (isinstance(warmup_epochs, int) and warmup_epochs >= 0):
+            raise BundleError(
+                f"warmup_epochs={warmup_epochs!r}: give a number of epochs >= 0 with a frozen backbone, or all."
+            )
         self.network = network
         self.warmup_epochs = warmup_epochs
+        self.pretrained = pretrained
         self._frozen: bool | None = None  # state last announced; None before the first epoch
 
     def attach(self, engine: Engine) -> None:
@@ -258,16 +274,35 @@ class BackboneWarmup:
 
     def __call__(self, engine: Engine) -> None:
         epoch = engine.state.epoch  # already the epoch about to run at EPOCH_STARTED
-        frozen = epoch <= self.warmup_epochs
+        frozen = self.warmup_epochs == "all" or (self.pretrained and epoch <= self.warmup_epochs)
         unwrap(self.network).freeze_backbone(frozen)
         if frozen == self._frozen:
             return
         self._frozen = frozen
         if frozen:
-            last = min(self.warmup_epochs, engine.state.max_epochs or self.warmup_epochs)
+            end = engine.state.max_epochs or epoch
+            last = end if self.warmup_epochs == "all" else min(self.warmup_epochs, end)
             logger.info(f"epochs {epoch}-{last}: backbone frozen (no gradient, BatchNorm in eval mode)")
+        elif not self.pretrained and self.warmup_epochs:
+            logger.info(
+                f"epoch {epoch}: from scratch, no warm-up (it applies to a loaded backbone): all parameters train"
+            )
         else:
             logger.info(f"epoch {epoch}: backbone unfrozen, all parameters train")
+
+
+def check_linear_evaluation(warmup_epochs: int | str) -> None:
+    """Refuses a number of warm-up epochs in linear evaluation, which keeps the backbone frozen throughout.
+
+    Raises:
+        BundleError: naming the key ``warmup_epochs`` and its value.
+    """
+    if warmup_epochs != "all":
+        raise BundleError(
+            f"warmup_epochs={warmup_epochs!r} with configs/linear_eval.yaml: linear evaluation keeps the backbone "
+            "frozen for the whole run, and a warm-up would unfreeze it. Leave --warmup_epochs out, or fine-tune with "
+            "configs/train.yaml alone."
+        )
 
 
 def probabilities_to_labels(probabilities: Tensor, threshold: float = 0.5) -> Tensor:

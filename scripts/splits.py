@@ -15,7 +15,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 from monai.utils import ensure_tuple
-
 from scripts.data import _NIFTI_SUFFIXES, load_datalist
 from scripts.errors import BundleError
 

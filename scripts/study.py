@@ -3,65 +3,162 @@
 Usage (from the bundle root)::
 
     python -m scripts.study --pretrained models/pretrained_backbone.pt --budgets 1 2 4 --folds 0 1 2 \
-        [--modes linear finetune] [--output_dir runs/study] [--tracking mlflow] [-- --epochs 20 --epoch_length 50]
+        [--modes linear finetune] [--warmup_epochs N] [--output_dir runs/study] [--tracking mlflow] \
+        [-- --epochs 20 --epoch_length 50]
 
 Every cell of {from scratch, each pretrained backbone} x {linear evaluation, fine-tuning} x budgets x folds is one
 `train` run followed by one `evaluate` run of this bundle, in its own folder
-``<output_dir>/<init>/<mode>/n<budget>_f<fold>``
-with its log. A budget of n is n labelled scans in all: each cell trains on n cases without validation
-(``--num_val_cases 0``) and is evaluated with its final weights. Arguments after ``--`` go to every run (e.g. shorter
-schedules). Finished cells (those with an ``evaluation/summary.json``) are not run again, so an interrupted study
-resumes. The results go to ``<output_dir>/results.csv`` (one row per cell) and ``<output_dir>/label_efficiency.png``
-(mean and spread over folds, as Figure 1 of the DHR paper).
-"""
+``<output_dir>/<init>/<mode>/n<budget>_f<fold>_<digest>`` with its log and ``args.json``. A budget of n is n labelled
+scans in all: each cell trains on n cases without validation (``--num_val_cases 0``) and is evaluated with its final
+weights. ``args.json`` holds the cell's identity (initialisation and the backbone file's SHA-256, mode, budget, fold,
+and every argument of its runs), of which ``<digest>`` is a hash. Arguments after ``--`` go to every run (e.g. shorter
+schedules). A cell whose folder holds an ``evaluation/summary.json`` is finished and not run again, so an interrupted
+study resumes, while a changed argument or backbone is a new cell. The results go to ``<output_dir>/results.csv`` (one
+row per cell) and ``<output_dir>/label_efficiency.png`` (mean and spread over folds, as Figure 1 of the DHR paper). With
+``--tracking mlflow`` the study is one MLflow experiment in ``<output_dir>/mlruns.db``: one run per cell (its training
+run, named ``<init>/<mode>/n<budget>_f<fold>``, with the test metrics added) and a ``label_efficiency`` run holding the
+table and the plot. """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import functools
+import hashlib
 import json
 import logging
 import os
+import shlex
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-
 from scripts import log
+from scripts.cli import none_overrides
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Cell", "cells", "bundle_run", "run_cell", "run_study", "plot", "main"]
+__all__ = [
+    "Cell",
+    "Tracking",
+    "cells",
+    "bundle_run",
+    "run_cell",
+    "run_study",
+    "plot",
+    "add_study_arguments",
+    "check_study_arguments",
+    "study",
+    "main",
+]
 
 TRAIN = "configs/train.yaml"
 CONFIGS = {"finetune": [TRAIN], "linear": [TRAIN, "configs/linear_eval.yaml"]}
+# Keys the study sets for each run itself: given after '--', they would break the grid.
+OWN_KEYS = {"output_dir", "model_file", "num_train_cases", "fold", "pretrained_ckpt", "tracking", "run_name"}
+OWN_KEYS |= {"tracking_uri", "experiment_name", "warmup_epochs"}
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def args_digest(identity: dict) -> str:
+    """First 8 hex digits of the SHA-256 of ``identity`` as canonical JSON: a folder-name suffix."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
 
 
 @dataclass(frozen=True)
 class Cell:
-    """One training + evaluation run of the study."""
+    """One training + evaluation run of the study, identified by all that defines it."""
 
     init: str  # "scratch" or the name of a pretrained backbone file
     checkpoint: str | None
     mode: str  # "linear" or "finetune"
     budget: int
     fold: int
+    args: tuple[str, ...] = ()  # every other argument of its runs: the warm-up, the arguments after '--'
+    checkpoint_sha256: str | None = None  # the backbone's content: a new file under the same name is a new cell
+
+    @property
+    def name(self) -> str:
+        """``<init>/<mode>/n<budget>_f<fold>``: the MLflow run name."""
+        return f"{self.init}/{self.mode}/n{self.budget}_f{self.fold}"
+
+    def identity(self) -> dict:
+        return {**asdict(self), "args": list(self.args)}
 
     def folder(self, root: Path) -> Path:
-        return root / self.init / self.mode / f"n{self.budget}_f{self.fold}"
+        return root / self.init / self.mode / f"n{self.budget}_f{self.fold}_{args_digest(self.identity())}"
 
 
-def cells(pretrained: Sequence[str], modes: Sequence[str], budgets: Sequence[int], folds: Sequence[int]) -> list[Cell]:
-    """The study's grid; from-scratch runs are always included as the reference. A backbone is named by its file's
-    stem, or by its folder's name when stems repeat (``pretrain_dhr/pretrained_backbone.pt`` -> ``pretrain_dhr``)."""
+def cells(
+    pretrained: Sequence[str],
+    modes: Sequence[str],
+    budgets: Sequence[int],
+    folds: Sequence[int],
+    extra: Sequence[str] = (),
+    warmup_epochs: int | None = None,
+) -> list[Cell]:
+    """The study's grid; from-scratch runs are always included as the reference.
+
+    Args:
+        pretrained: backbone files; each is read once for its SHA-256.
+        modes, budgets, folds: the grid's axes.
+        extra: arguments of every run.
+        warmup_epochs: frozen-backbone epochs of the fine-tuning cells (None: the config's); linear evaluation keeps
+            the backbone frozen throughout, so its cells do not get it.
+    """
+    # a backbone is named by its file's stem, or by its folder when stems repeat (pretrain_dhr/pretrained_backbone.pt)
     stems = [Path(p).stem for p in pretrained]
     names = [Path(p).parent.name if stems.count(stem) > 1 else stem for p, stem in zip(pretrained, stems, strict=True)]
-    inits = [("scratch", None)] + list(zip(names, pretrained, strict=True))
-    return [Cell(i, c, m, b, f) for i, c in inits for m in modes for b in budgets for f in folds]
+    inits = [("scratch", None, None)] + [(n, p, file_digest(p)) for n, p in zip(names, pretrained, strict=True)]
+    warmup = () if warmup_epochs is None else ("--warmup_epochs", str(warmup_epochs))
+    return [
+        Cell(i, c, m, b, f, (*extra, *(warmup if m == "finetune" else ())), d)
+        for i, c, d in inits
+        for m in modes
+        for b in budgets
+        for f in folds
+    ]
+
+
+@dataclass(frozen=True)
+class Tracking:
+    """Where a study's MLflow records go: one experiment in one SQLite database."""
+
+    database: Path
+    experiment: str
+
+    @property
+    def uri(self) -> str:
+        return f"sqlite:///{self.database.resolve()}"
+
+    def client(self):
+        """An ``MlflowClient`` and the experiment's id, creating the experiment with its artifacts beside the database
+        (MLflow's own default would be ``./mlruns`` in the working directory)."""
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking_uri=self.uri)
+        experiment = client.get_experiment_by_name(self.experiment)
+        if experiment is not None:
+            return client, experiment.experiment_id
+        artifacts = (self.database.resolve().parent / "mlruns").as_uri()
+        return client, client.create_experiment(self.experiment, artifact_location=artifacts)
+
+    def run_args(self, run_name: str) -> list[str]:
+        """Bundle-run arguments that log the run into this experiment under ``run_name``."""
+        return ["--tracking", "mlflow", "--tracking_uri", self.uri, "--experiment_name", self.experiment] + [
+            "--run_name",
+            run_name,
+        ]
 
 
 def bundle_run(run_id: str, configs: list[str], keys: dict[str, str], extra: Sequence[str], log) -> None:
@@ -72,12 +169,13 @@ def bundle_run(run_id: str, configs: list[str], keys: dict[str, str], extra: Seq
     subprocess.run([*cmd, *extra], check=True, stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
 
 
-def run_cell(cell: Cell, root: Path, extra: Sequence[str] = (), warmup_epochs: int | None = None) -> dict:
-    """Trains and evaluates one cell (logging to its folder's ``log.txt``) and returns its ``summary.json``.
-
-    ``warmup_epochs`` applies to fine-tuning only: linear evaluation keeps the backbone frozen throughout."""
+def run_cell(cell: Cell, root: Path, tracking: Tracking | None = None) -> dict:
+    """Trains and evaluates one cell (logging to its folder's ``log.txt``, its identity in ``args.json``) and returns
+    its ``summary.json``. With ``tracking``, the training run is the cell's MLflow run, and the test metrics
+    (``test_<name>``) and the evaluation files are added to it."""
     folder = cell.folder(root)
     folder.mkdir(parents=True, exist_ok=True)
+    (folder / "args.json").write_text(json.dumps(cell.identity(), indent=2) + "\n")
     keys = {
         "output_dir": str(folder),
         "model_file": str(folder / "model.pt"),
@@ -85,25 +183,44 @@ def run_cell(cell: Cell, root: Path, extra: Sequence[str] = (), warmup_epochs: i
         # A budget of n is n labelled scans in all: none is set aside to pick a checkpoint; the final weights count.
         "num_val_cases": "0",
         "fold": str(cell.fold),
-        "pretrained_ckpt": str(cell.checkpoint) if cell.checkpoint else "None",
     }
-    if warmup_epochs is not None and cell.mode == "finetune":
-        keys["warmup_epochs"] = str(warmup_epochs)
-    with open(folder / "log.txt", "a") as log:
+    if cell.checkpoint:  # from scratch: left out, as MONAI's command line cannot carry None
+        keys["pretrained_ckpt"] = str(cell.checkpoint)
+    track = tracking.run_args(cell.name) if tracking else []
+    with open(folder / "log.txt", "a") as log_file:
         try:
-            bundle_run("run", CONFIGS[cell.mode], keys, extra, log)
-            bundle_run("evaluate", [*CONFIGS[cell.mode], "configs/evaluate.yaml"], keys, extra, log)
+            bundle_run("run", CONFIGS[cell.mode], keys, [*cell.args, *track], log_file)
+            bundle_run("evaluate", [*CONFIGS[cell.mode], "configs/evaluate.yaml"], keys, cell.args, log_file)
         except subprocess.CalledProcessError as err:
             raise RuntimeError(f"Study cell {folder} failed; see {folder / 'log.txt'}") from err
-    return json.loads((folder / "evaluation" / "summary.json").read_text())
+    summary = json.loads((folder / "evaluation" / "summary.json").read_text())
+    if tracking:
+        _log_cell(tracking, cell.name, summary, folder)
+    return summary
+
+
+def _log_cell(tracking: Tracking, run_name: str, summary: dict, folder: Path) -> None:
+    """Adds the test metrics and the evaluation files to the cell's (training) run."""
+    client, experiment_id = tracking.client()
+    runs = client.search_runs([experiment_id], filter_string=f"attributes.run_name = '{run_name}'")
+    if not runs:
+        return
+    run_id = runs[0].info.run_id  # newest first
+    for key, value in summary.items():
+        if isinstance(value, int | float):
+            client.log_metric(run_id, f"test_{key}", value)
+    client.log_artifact(run_id, str(folder / "args.json"))
+    client.log_artifacts(run_id, str(folder / "evaluation"), "evaluation")
 
 
 def run_study(
-    grid: Sequence[Cell], root: Path, extra: Sequence[str] = (), runner: Callable[..., dict] | None = None
+    grid: Sequence[Cell], root: Path, runner: Callable[..., dict] | None = None, tracking: Tracking | None = None
 ) -> list[dict]:
     """Runs every unfinished cell (with ``runner``, default :func:`run_cell`; finished ones are read back), then writes
     ``results.csv``; returns its rows."""
     runner = runner or run_cell
+    done = sum((cell.folder(root) / "evaluation" / "summary.json").is_file() for cell in grid)
+    logger.info(f"study: {len(grid)} cells in {root}, {done} finished already")
     rows = []
     for cell in grid:
         summary_file = cell.folder(root) / "evaluation" / "summary.json"
@@ -112,7 +229,7 @@ def run_study(
             logger.info(f"done already: {cell.folder(root)}")
         else:
             logger.info(f"running: {cell.folder(root)}")
-            summary = runner(cell, root, extra)
+            summary = runner(cell, root, tracking)
         rows.append(
             {"init": cell.init, "mode": cell.mode, "budget": cell.budget, "fold": cell.fold}
             | {k: v for k, v in summary.items() if isinstance(v, int | float)}
@@ -132,6 +249,15 @@ def plot(rows: Sequence[dict], path: Path, metric: str = "mean_dice") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig = label_efficiency_figure(rows, metric)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def label_efficiency_figure(rows: Sequence[dict], metric: str = "mean_dice"):
+    """The figure of :func:`plot` (a matplotlib ``Figure``)."""
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(6, 4))
     for init, mode in dict.fromkeys((r["init"], r["mode"]) for r in rows):
         budgets = sorted({r["budget"] for r in rows if (r["init"], r["mode"]) == (init, mode)})
@@ -143,59 +269,106 @@ def plot(rows: Sequence[dict], path: Path, metric: str = "mean_dice") -> None:
         )
         ax.fill_between(budgets, low, high, color=line.get_color(), alpha=0.15)
     ax.set_xscale("log", base=2)
+    ax.ticklabel_format(axis="y", useOffset=False)  # Dice values as they are, never "+7.1e-1" above the axis
     ax.set_xlabel("labelled training scans")
     ax.set_ylabel(f"test {metric.replace('_', ' ')}")
     ax.set_title("Label efficiency (mean, min-max over folds)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
-def _log_to_mlflow(root: Path, args: argparse.Namespace) -> None:
-    import mlflow
+def _log_summary(tracking: Tracking, root: Path, args: argparse.Namespace, extra: Sequence[str]) -> None:
+    """The study's own MLflow run: its arguments, the table and the plot."""
+    client, experiment_id = tracking.client()
+    run_id = client.create_run(experiment_id, run_name="label_efficiency").info.run_id
+    params = {"pretrained": ",".join(args.pretrained) or "none", "modes": ",".join(args.modes)}
+    params |= {"budgets": ",".join(map(str, args.budgets)), "folds": ",".join(map(str, args.folds))}
+    params |= {"warmup_epochs": str(args.warmup_epochs), "args": shlex.join(extra)}
+    for key, value in params.items():
+        client.log_param(run_id, key, value)
+    client.log_artifact(run_id, str(root / "results.csv"))
+    client.log_artifact(run_id, str(root / "label_efficiency.png"))
+    client.set_terminated(run_id)
 
-    mlflow.set_tracking_uri(f"sqlite:///{(root / 'mlruns.db').resolve()}")
-    mlflow.set_experiment("label_efficiency")
-    with mlflow.start_run(run_name="label_efficiency"):
-        mlflow.log_params({"pretrained": ",".join(args.pretrained) or "none", "modes": ",".join(args.modes)})
-        mlflow.log_params({"budgets": ",".join(map(str, args.budgets)), "folds": ",".join(map(str, args.folds))})
-        mlflow.log_artifact(str(root / "results.csv"))
-        mlflow.log_artifact(str(root / "label_efficiency.png"))
+
+def add_study_arguments(parser: argparse.ArgumentParser) -> None:
+    """The study's options, shared with :mod:`scripts.compare`."""
+    parser.add_argument("--modes", nargs="+", default=["linear", "finetune"], choices=sorted(CONFIGS), help="protocols")
+    parser.add_argument("--budgets", nargs="+", type=int, default=[1, 2, 4], help="numbers of labelled scans")
+    parser.add_argument("--folds", nargs="+", type=int, default=[0, 1, 2], help="test folds (< num_folds, 3)")
+    parser.add_argument(
+        "--warmup_epochs",
+        type=int,
+        help="frozen-backbone epochs of the fine-tuning cells; unset: train.yaml's 50 (linear evaluation stays frozen)",
+    )
+    parser.add_argument("--tracking", choices=["mlflow"], help="one MLflow experiment: a run per cell, table and plot")
+
+
+def check_study_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace, extra: Sequence[str]) -> None:
+    """Stops (``parser.error``) on arguments that would fail or mislead only later, in some cell: budgets below 1,
+    folds outside ``[0, num_folds)``, a negative warm-up, ``--warmup_epochs`` or a key the study sets after ``--``,
+    and ``--key None`` (MONAI's command line would drop it)."""
+    if min(args.budgets) < 1:
+        parser.error(f"--budgets {' '.join(map(str, args.budgets))}: each budget is a number of labelled scans >= 1")
+    num_folds = int(extra[extra.index("--num_folds") + 1]) if "--num_folds" in extra[:-1] else 3  # train.yaml's
+    if min(args.folds) < 0 or max(args.folds) >= num_folds:
+        parser.error(f"--folds {' '.join(map(str, args.folds))}: each fold must be in 0..{num_folds - 1} (num_folds)")
+    if args.warmup_epochs is not None and args.warmup_epochs < 0:
+        parser.error(f"--warmup_epochs {args.warmup_epochs}: give a number of epochs >= 0")
+    if "--warmup_epochs" in extra:
+        parser.error("use the study's own --warmup_epochs: among the run arguments it would unfreeze linear evaluation")
+    own = sorted({a[2:].partition("=")[0] for a in extra if a.startswith("--")} & OWN_KEYS)
+    if own:
+        parser.error(
+            f"{', '.join('--' + k for k in own)}: set by the study for each cell; leave them out of the run args"
+        )
+    if none := none_overrides(list(extra)):
+        parser.error(f"--{none[0]} None: MONAI's command line would drop it and run the config's value")
+
+
+def study(
+    args: argparse.Namespace, root: Path, extra: Sequence[str] = (), tracking: Tracking | None = None
+) -> list[dict]:
+    """Runs the study of already validated ``args`` (``pretrained``, ``modes``, ``budgets``, ``folds``,
+    ``warmup_epochs``) into ``root``: cells, table, plot and, with ``tracking``, the MLflow records."""
+    root.mkdir(parents=True, exist_ok=True)
+    grid = cells(args.pretrained, args.modes, args.budgets, args.folds, extra, args.warmup_epochs)
+    rows = run_study(grid, root, tracking=tracking)
+    plot(rows, root / "label_efficiency.png")
+    if tracking:
+        _log_summary(tracking, root, args, extra)
+    logger.info(f"results: {root / 'results.csv'}, plot: {root / 'label_efficiency.png'}")
+    return rows
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--pretrained", nargs="*", default=[], help="pretrained backbone files to compare")
-    parser.add_argument("--modes", nargs="+", default=["linear", "finetune"], choices=sorted(CONFIGS))
-    parser.add_argument("--budgets", nargs="+", type=int, default=[1, 2, 4], help="numbers of labelled scans")
-    parser.add_argument("--folds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--output_dir", default="runs/study")
-    parser.add_argument("--tracking", choices=["mlflow"], help="log every run, and the table and plot, to MLflow")
-    parser.add_argument(
-        "--warmup_epochs", type=int, help="frozen-backbone epochs of fine-tuning (default: the config's)"
+    parser = argparse.ArgumentParser(
+        prog="python -m scripts.study",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="Cells: (1 from scratch + one per --pretrained file) x modes x budgets x folds, each a training and an "
+        "evaluation run; with the defaults 2 x 3 x 3 = 18 cells per initialisation (18 with no --pretrained file, "
+        "36 with one). Arguments after '--' go to every run, e.g. -- --epochs 20 --epoch_length 50.",
     )
+    parser.add_argument("--pretrained", nargs="*", default=[], help="pretrained backbone files to compare")
+    parser.add_argument(
+        "--output_dir", default="runs/study", help="cells, results.csv, label_efficiency.png, mlruns.db"
+    )
+    add_study_arguments(parser)
     args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
-    if "--warmup_epochs" in extra:
-        parser.error("give --warmup_epochs before '--': after it, it would also unfreeze the linear evaluation runs")
+    check_study_arguments(parser, args, extra)
     for path in args.pretrained:
         if not Path(path).is_file():
             parser.exit(1, f"error: pretrained backbone {path} does not exist\n")
 
     log.configure()
     root = Path(args.output_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    if args.tracking:
-        extra = [*extra, "--tracking", args.tracking]
-    runner = None if args.warmup_epochs is None else functools.partial(run_cell, warmup_epochs=args.warmup_epochs)
-    rows = run_study(cells(args.pretrained, args.modes, args.budgets, args.folds), root, extra, runner)
-    plot(rows, root / "label_efficiency.png")
-    if args.tracking == "mlflow":
-        _log_to_mlflow(root, args)
-    logger.info(f"results: {root / 'results.csv'}, plot: {root / 'label_efficiency.png'}")
+    tracking = Tracking(root / "mlruns.db", "label_efficiency") if args.tracking == "mlflow" else None
+    study(args, root, extra, tracking)
 
 
 if __name__ == "__main__":

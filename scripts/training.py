@@ -17,17 +17,15 @@ from ignite.engine import Engine, Events
 from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
 from monai.handlers import MeanDice, MLFlowHandler, from_engine
-from torch import nn
-from tqdm import tqdm
-
+from scripts import distributed
 from scripts.distributed import all_gather, any_rank, is_main, rank, stop_other_ranks
 from scripts.errors import BundleError
 from scripts.local_augmentations import LocalAugmentations
-from scripts.vox2vec_augmentations import Vox2VecAugmentations
-
-from scripts import distributed
 from scripts.randomness import torch_generator
+from scripts.vox2vec_augmentations import Vox2VecAugmentations
 from scripts.weights import save_weights
+from torch import nn
+from tqdm import tqdm
 
 __all__ = [
     "build_augmentation",
@@ -55,6 +53,13 @@ def build_augmentation(name: str, modality: str) -> LocalAugmentations | Vox2Vec
         name: "local" (DHR's local augmentations), "vox2vec" (blur or sharpen, noise, HU window) or "none".
         modality: the data's preset, which vox2vec's augmentations need ("ct_wide" or "mri").
     """
+    descriptions = {
+        "local": "local (DHR): pixel shuffling, intensity remap, in-painting",
+        "vox2vec": "vox2vec's: blur or sharpen, noise, intensity window",
+        "none": "none",
+    }
+    if name in descriptions:  # an ablation must be visible in the run's output
+        logger.info(f"augmentations: {descriptions[name]}")
     if name == "local":
         return LocalAugmentations()
     if name == "vox2vec":

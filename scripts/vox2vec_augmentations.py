@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-
 from scripts.data import PRESETS
 from scripts.local_augmentations import _check_patches
 

@@ -21,10 +21,9 @@ from typing import Any
 
 import torch
 from ignite.engine import Engine, Events
-from torch import Tensor
-
 from scripts.distributed import is_main
 from scripts.errors import BundleError
+from torch import Tensor
 
 __all__ = [
     "BACKBONE_KEYS",

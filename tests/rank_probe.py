@@ -5,9 +5,8 @@ from pathlib import Path
 
 import torch
 from ignite.engine import Engine, Events
-from torch import nn
-
 from scripts.distributed import rank, unwrap
+from torch import nn
 
 
 class RankProbe:

@@ -1,10 +1,13 @@
 """DHR's three improvements as independent switches, and vox2vec as an override of the same workflow."""
 
+import re
 from pathlib import Path
 
 import pytest
+import torch
+from bundle import monai_bundle_run
 from monai.bundle import ConfigParser
-from test_pretrain_bundle import run_pretrain, write_volumes
+from test_pretrain_bundle import TINY, run_pretrain, write_volumes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,3 +80,43 @@ def test_vox2vec_pretrains_end_to_end_and_logs_only_infonce(tmp_path):
     run = client.search_runs([e.experiment_id for e in client.search_experiments()])[0]
     assert "infonce" in run.data.metrics and "restoration" not in run.data.metrics
     assert (tmp_path / "out/pretrained_backbone.pt").is_file()
+
+
+def pretrain_once(tmp_path: Path, *switch: str):
+    """One iteration of pretraining through MONAI's command line with an ablation switch, as a user types it."""
+    write_volumes(tmp_path / "data", count=1)
+    paths = {"dataset_dir": tmp_path / "data", "output_dir": tmp_path / "out", "cache_dir": tmp_path / "cache"}
+    return monai_bundle_run(
+        "pretrain", "configs/pretrain.yaml", {**TINY, **paths, "epochs": 1, "epoch_length": 1}, *switch
+    )
+
+
+@pytest.mark.parametrize(
+    "switch, printed, projections, head_input, restoration",
+    [
+        ([], "trained projections 3 x 32", True, 96, True),
+        (["--projection_width", "raw"], "raw levels concatenated (28)", False, 4 + 8 + 16, True),
+        (["--freeze_projections", "True"], "frozen random projections 3 x 32", False, 96, True),
+        (["--restoration_weight", "0"], "no restoration head", True, 96, False),
+        (["--augmentations", "vox2vec"], "augmentations: vox2vec's", True, 96, True),
+        (["--augmentations", "none"], "augmentations: none", True, 96, True),
+    ],
+)
+def test_each_switch_works_from_the_command_line(tmp_path, switch, printed, projections, head_input, restoration):
+    result = pretrain_once(tmp_path, *switch)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert printed in result.stdout
+    network = torch.load(tmp_path / "out/checkpoints/checkpoint_iteration=1.pt", weights_only=False)["network"]
+    assert any(k.startswith("projection.projections.") for k in network) == projections
+    assert network["head.layers.0.weight"].shape[1] == head_input
+    assert any(k.startswith("restoration_head.") for k in network) == restoration
+    metrics = re.search(r"Epoch\[1\] Metrics -- (.*)", result.stdout + result.stderr).group(1)
+    assert ("restoration:" in metrics) == restoration, metrics
+
+
+def test_none_on_the_command_line_is_refused_not_dropped(tmp_path):
+    result = pretrain_once(tmp_path, "--projection_width", "None")
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1].startswith("error: --projection_width None: MONAI's command line")
+    assert "--projection_width raw" in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "out/checkpoints").exists(), "refused before any work"

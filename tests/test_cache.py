@@ -7,11 +7,10 @@ import warnings
 
 import numpy as np
 import pytest
-from test_data import _phantom, _save
-
 from scripts.cache import cache_folder, open_volume, prepare_volumes
 from scripts.data import VolumeWarning, preprocessing
 from scripts.errors import BundleError
+from test_data import _phantom, _save
 
 PATCH = (8, 8, 4)
 

@@ -1,14 +1,17 @@
 """The method comparison: same pretraining arguments for each method, then one study with all backbones."""
 
 import csv
+import json
 from pathlib import Path
 
+import pytest
+from scripts import compare, study
 from test_study import fake_runner
 
-from scripts import compare, study
 
-
-def test_compare_pretrains_each_method_once_then_studies_all_backbones(tmp_path, monkeypatch):
+@pytest.fixture
+def pretrainings(monkeypatch):
+    """Replaces each pretraining by writing its backbone file and each study cell by a summary; returns the runs."""
     runs = []
 
     def fake_bundle_run(run_id, configs, keys, extra, log):
@@ -17,20 +20,67 @@ def test_compare_pretrains_each_method_once_then_studies_all_backbones(tmp_path,
 
     monkeypatch.setattr(study, "bundle_run", fake_bundle_run)
     monkeypatch.setattr(study, "run_cell", fake_runner([]))
-    argv = ["--output_dir", str(tmp_path), "--budgets", "1", "2", "--folds", "0", "--modes", "finetune"]
+    return runs
+
+
+ARGV = ["--budgets", "1", "2", "--folds", "0", "--modes", "finetune"]
+
+
+def test_compare_pretrains_each_method_once_then_studies_all_backbones(tmp_path, pretrainings):
+    argv = [*ARGV, "--output_dir", str(tmp_path)]
     compare.main([*argv, "--pretrain_args", "--epochs 7 --dataset_dir /data"])
 
-    assert [r[1][-1] for r in runs] == [
+    assert [r[1][-1] for r in pretrainings] == [
         "configs/pretrain.yaml",
         "configs/pretrain_vox2vec.yaml",
         "configs/pretrain_pcrl.yaml",
     ]
-    assert all(r[0] == "pretrain" and r[2] == ["--epochs", "7", "--dataset_dir", "/data"] for r in runs)
+    assert all(r[0] == "pretrain" and r[2] == ["--epochs", "7", "--dataset_dir", "/data"] for r in pretrainings)
     with open(tmp_path / "study/results.csv") as f:
         inits = {row["init"] for row in csv.DictReader(f)}
     assert inits == {"scratch", "pretrain_dhr", "pretrain_vox2vec", "pretrain_pcrl"}
     assert (tmp_path / "study/label_efficiency.png").is_file()
 
-    runs.clear()
-    compare.main(argv)
-    assert runs == [], "methods whose backbone exists are not pretrained again"
+    pretrainings.clear()
+    compare.main([*argv, "--pretrain_args", "--epochs 7 --dataset_dir /data"])
+    assert pretrainings == [], "methods whose backbone exists for the same arguments are not pretrained again"
+
+
+def test_changed_pretraining_arguments_pretrain_anew(tmp_path, pretrainings, capsys):
+    argv = [*ARGV, "--methods", "dhr", "--output_dir", str(tmp_path)]
+    compare.main([*argv, "--pretrain_args", "--epochs 2"])
+    compare.main([*argv, "--pretrain_args", "--epochs 20"])
+    assert [r[2] for r in pretrainings] == [["--epochs", "2"], ["--epochs", "20"]]
+    folders = sorted(tmp_path.glob("pretrain_dhr_*"))
+    assert [json.loads((f / "args.json").read_text())["args"] for f in folders] in (
+        [["--epochs", "2"], ["--epochs", "20"]],
+        [["--epochs", "20"], ["--epochs", "2"]],
+    )
+    assert "other arguments than" in capsys.readouterr().out
+
+
+def test_compare_takes_the_study_options(tmp_path, pretrainings, monkeypatch):
+    cells = []
+    monkeypatch.setattr(study, "run_cell", fake_runner(cells))
+    compare.main([*ARGV, "--methods", "dhr", "--warmup_epochs", "2", "--output_dir", str(tmp_path)])
+    assert {cell.args for cell in cells} == {("--warmup_epochs", "2")}
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--budgets", "0"], "--budgets 0"),
+        (["--folds", "0", "4"], "--folds 0 4"),
+        (["--warmup_epochs", "-2"], "--warmup_epochs -2"),
+        (["--study_args", "--warmup_epochs 3"], "the study's own --warmup_epochs"),
+        (["--study_args", "--dataset_dir None"], "--dataset_dir None"),
+        (["--pretrain_args", "--output_dir elsewhere"], "--output_dir in --pretrain_args"),
+        (["--pretrain_args", "--projection_width None"], "--projection_width None"),
+        (["--pretrain_args", "--epochs '7"], "--pretrain_args"),
+    ],
+)
+def test_every_argument_is_checked_before_any_pretraining(tmp_path, pretrainings, capsys, argv, message):
+    with pytest.raises(SystemExit):
+        compare.main(["--output_dir", str(tmp_path), *argv])
+    assert message in capsys.readouterr().err
+    assert pretrainings == [] and not list(tmp_path.glob("pretrain_*"))

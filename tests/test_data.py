@@ -8,7 +8,6 @@ import pytest
 import torch
 from monai.data import MetaTensor
 from scipy import ndimage
-
 from scripts.data import PRESETS, BodyMaskd, load_datalist, preprocessing
 
 # LPS-oriented, anisotropic input grid: preprocessing must reorient and resample it.

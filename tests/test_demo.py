@@ -5,7 +5,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-
 from scripts.data import load_datalist, preprocessing
 from scripts.demo import main, prepare_demo
 
@@ -57,6 +56,13 @@ def test_demo_preprocesses_as_mri(demo):
     body = out["body"][0].numpy().astype(bool)
     # The body mask follows the brain; they differ only at the dim, partial-volume rim of the brain.
     assert body[brain].mean() > 0.97 and brain[body].mean() > 0.97
+
+
+def test_preparation_says_what_it_is_doing(tmp_path, capsys):
+    datalist = prepare_demo(tmp_path / "demo", num_subjects=1)
+    out = capsys.readouterr().out
+    assert f"preparing the demo dataset in {tmp_path / 'demo'} (once, offline): 1 synthetic brain MRI subjects" in out
+    assert f"demo dataset ready: {datalist}" in out
 
 
 def test_second_call_is_a_no_op(demo, monkeypatch, capsys):

@@ -13,7 +13,6 @@ import torch
 from bundle import monai_bundle_run
 from monai.bundle import ConfigParser
 from monai.data import MetaTensor
-
 from scripts.evaluation import EvaluationSummary, HausdorffDistanceMM
 from scripts.networks import FPN3d
 from scripts.segmentation import segmentation_network

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from scripts.errors import BundleError
 from scripts.import_weights import extract_backbone_state, import_backbone, load_backbone, main
 from scripts.networks import FPN3d, dhr_network

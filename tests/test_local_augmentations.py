@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import torch
 from monai.data import MetaTensor
-
 from scripts.local_augmentations import LocalAugmentations
 
 SPATIAL = (20, 16, 10)

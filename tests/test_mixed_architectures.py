@@ -5,11 +5,10 @@ import os
 from pathlib import Path
 
 import torch
-from test_train_bundle import write_cases
-
 from scripts import compare
 from scripts.networks import FPN3d
 from scripts.weights import read_info, save_weights
+from test_train_bundle import write_cases
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = "--patch_size [16,16,8] --epochs 1 --epoch_length 2 --val_interval 1 --num_folds 5 --num_workers 0"

@@ -3,7 +3,6 @@ import warnings
 
 import pytest
 import torch
-
 from scripts.networks import FPN3d, MultiscaleProjection, dhr_network
 
 

@@ -11,8 +11,6 @@ import torch
 from bundle import monai_bundle_run
 from ignite.handlers import Checkpoint
 from monai.bundle import ConfigParser
-from test_pretrain_bundle import TINY, write_volumes
-
 from scripts.import_weights import extract_backbone_state
 from scripts.local_augmentations import LocalAugmentations
 from scripts.networks import FPN3d
@@ -25,12 +23,13 @@ from scripts.pcrl import (
     random_transforms,
     transform_code,
 )
+from test_pretrain_bundle import TINY, write_volumes
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = "['configs/pretrain.yaml','configs/pretrain_pcrl.yaml']"
 PATCH = (16, 16, 8)
 MIXUP_TERMS = {"infonce_mixup", "mse_student_mixup", "mse_hybrid_mixup"}
-PLAIN_TERMS = {"infonce", "mse_student", "mse_teacher", "mse_hybrid"}
+PLAIN_TERMS = {"infonce", "mse_student", "mse_hybrid"}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -186,8 +185,8 @@ def test_forward_gradients_and_one_enqueue_of_plain_keys_per_step():
     inputs, targets, _, kwargs = PCRLBatch(mixup=True)(voxel_pair_batch(pairs=3))
     outputs = network(inputs, **kwargs)
     assert outputs["logits"].shape == (3, 1 + 16) and outputs["logits_mixup"].shape == (3, 1 + 16)
-    assert all(outputs[name].shape == targets[name].shape for name in targets)
     loss_function = PCRLLoss(mixup=True)
+    assert all(outputs[name].shape == targets[name].shape for name in loss_function.reconstruction_names)
     loss = loss_function(outputs, targets)
     assert set(loss_function.terms) == set(loss_function.term_names) == PLAIN_TERMS | MIXUP_TERMS
     loss.backward()
@@ -200,6 +199,28 @@ def test_forward_gradients_and_one_enqueue_of_plain_keys_per_step():
     torch.testing.assert_close(network.queue[:3], keys)
     with pytest.raises(RuntimeError, match="forward"):
         network.step()  # no second enqueue for the same step
+
+
+def test_teacher_reconstruction_is_an_optional_fifth_term_that_trains_the_decoder_only():
+    inputs, targets, _, kwargs = PCRLBatch(mixup=True)(voxel_pair_batch(pairs=2))
+    assert "teacher" not in tiny_network()(inputs, **kwargs), "off by default: the authors' four reconstructions"
+    torch.manual_seed(0)
+    network = PCRLNetwork(FPN3d(1, 4, 3), queue_size=16, embedding_dim=8, teacher_reconstruction=True)
+    outputs = network(inputs, **kwargs)
+    loss_function = PCRLLoss(mixup=True, teacher_reconstruction=True)
+    loss_function(outputs, targets)
+    assert set(loss_function.terms) == PLAIN_TERMS | MIXUP_TERMS | {"mse_teacher"}
+    torch.nn.functional.mse_loss(outputs["teacher"], targets["teacher"]).backward()
+    assert network.backbone.up_blocks[0][0].weight.grad is not None, "the shared decoder learns from it"
+    assert network.backbone.first_conv.weight.grad is None, "the student encoder does not"
+
+
+def test_config_batches_many_volumes_with_one_pair_each_and_the_official_terms():
+    parser = ConfigParser()
+    parser.read_config(["configs/pretrain.yaml", "configs/pretrain_pcrl.yaml"])
+    assert parser.get_parsed_content("pairs_per_volume") == 1 and parser.get_parsed_content("volumes_per_batch") == 16
+    terms = parser.get_parsed_content("loss").term_names
+    assert terms == ["infonce", "infonce_mixup", "mse_student", "mse_hybrid", "mse_student_mixup", "mse_hybrid_mixup"]
 
 
 def make_trainer(network: PCRLNetwork, epochs: int = 1) -> tuple[PCRLTrainer, dict]:
@@ -246,6 +267,8 @@ def test_config_disables_gradient_clipping_by_index():
 def run_pcrl(tmp: Path, *extra: str, epochs: int, out: str = "out") -> subprocess.CompletedProcess:
     args = {
         **TINY,
+        "pairs_per_volume": "1",
+        "volumes_per_batch": "3",  # more than the 2 volumes: drawn with replacement
         "queue_size": "64",
         "dataset_dir": str(tmp / "data"),
         "output_dir": str(tmp / out),
@@ -274,7 +297,7 @@ def test_checkpoint_holds_teacher_queue_and_schedule(runs):
     assert checkpoint["trainer"]["iteration"] == 6
     state = checkpoint["network"]
     assert any(k.startswith("teacher.") for k in state) and any(k.startswith("teacher_head.") for k in state)
-    assert state["queue"].shape == (64, 128) and int(state["queue_ptr"]) == 6 * 2 % 64  # 2 pairs per step
+    assert state["queue"].shape == (64, 128) and int(state["queue_ptr"]) == 6 * 3 % 64  # 3 pairs per step
     torch.testing.assert_close(state["queue"].norm(dim=1), torch.ones(64))
     assert checkpoint["lr_scheduler"]["last_epoch"] == 6
 
@@ -296,7 +319,7 @@ def test_resumes_at_the_saved_iteration_and_exports_the_student(runs):
     assert re.search(r"Epoch\[3\] Metrics", log) and not re.search(r"Epoch\[1\] Metrics", log)
     checkpoint = torch.load(tmp / "out/checkpoints/checkpoint_iteration=9.pt", weights_only=False)
     assert checkpoint["trainer"]["iteration"] == 9
-    assert int(checkpoint["network"]["queue_ptr"]) == 9 * 2 % 64
+    assert int(checkpoint["network"]["queue_ptr"]) == 9 * 3 % 64
     exported = torch.load(tmp / "out/pretrained_backbone.pt", weights_only=True)
     FPN3d(1, 4, 3).load_state_dict(exported, strict=True)
     student = extract_backbone_state(checkpoint)

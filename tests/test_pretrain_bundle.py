@@ -1,5 +1,6 @@
 """End to end: `python -m monai.bundle run pretrain` on tiny synthetic volumes, on CPU."""
 
+import json
 import re
 import subprocess
 from pathlib import Path
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from bundle import monai_bundle_run
-
+from monai.bundle import ConfigParser
 from scripts.networks import FPN3d
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,6 +72,24 @@ def test_mlflow_records_each_loss_term_in_sqlite(first_run):
     metrics = runs[0].data.metrics
     assert {"infonce", "restoration", "train_loss"} <= metrics.keys()
     assert len(client.get_metric_history(runs[0].info.run_id, "infonce")) == 2, "one value per epoch"
+
+
+def test_mlflow_logs_every_top_level_key_the_executed_config_and_a_run_name(first_run):
+    from mlflow.tracking import MlflowClient
+
+    tmp, _ = first_run
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp / 'out/mlruns.db'}")
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.run_name == "dhr"
+    params = run.data.params
+    assert set(ConfigParser.load_config_file(ROOT / "configs/pretrain.yaml")) <= params.keys()
+    assert params["base_channels"] == "4" and params["output_dir"] == str(tmp / "out")
+    assert params["patch_size"] == "[16, 16, 8]" and params["projection_width"] == "32"
+    artifacts = [a.path for a in client.list_artifacts(run.info.run_id)]
+    (config_file,) = [a for a in artifacts if a.startswith("config_") and a.endswith(".json")]
+    executed = json.loads(Path(client.download_artifacts(run.info.run_id, config_file, str(tmp))).read_text())
+    assert executed["output_dir"] == str(tmp / "out") and executed["epochs"] == 2
+    assert (tmp / "out/mlruns").is_dir() and not (ROOT / "mlruns").exists(), "artifacts next to the database"
 
 
 def test_resumes_at_the_saved_iteration(first_run):

@@ -5,9 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 from bundle import monai_bundle_run
-from test_pretrain_bundle import TINY, write_volumes
-
 from scripts.training import latest_checkpoint
+from test_pretrain_bundle import TINY, write_volumes
 
 # Kills the process (as a kill -9 would: no handler, no cleanup) when iteration 5 completes, after the checkpoint of
 # iteration 4; then runs pretrain.yaml's own `pretrain` steps. (`torch.os` is `os`: MONAI parses any expression holding

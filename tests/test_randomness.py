@@ -1,7 +1,6 @@
 import numpy as np
 import pytest
 import torch
-
 from scripts.randomness import numpy_rng, torch_generator
 
 

@@ -62,11 +62,10 @@ def server(tmp_path_factory):
 def release(server, tmp_path_factory):
     """Pretrains and fine-tunes a tiny network on synthetic volumes (in this process, as the Zoo's tests run
     workflows), then releases it into the served folder."""
+    from scripts.release import release as make_release
     from test_pretrain_bundle import write_volumes
     from test_train_bundle import write_cases
     from test_zoo_workflows import zoo_workflow
-
-    from scripts.release import release as make_release
 
     upload, base_url = server
     tmp = tmp_path_factory.mktemp("release")

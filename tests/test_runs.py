@@ -11,10 +11,9 @@ import pytest
 import torch
 from bundle import ROOT
 from ignite.engine import Engine, Events
+from scripts.runs import CheckpointLoader, CheckpointSaver, RunFolder, checkpoints
 from test_pretrain_bundle import TINY, run_pretrain, write_volumes
 from torch import nn
-
-from scripts.runs import CheckpointLoader, CheckpointSaver, RunFolder, checkpoints
 
 # Runs the bundle like `python -m monai.bundle`, with a torch.save that dies halfway through writing the checkpoint of
 # iteration 6: half the bytes reach the file, then SIGKILL, as a crash, kill or full disk would leave it.

@@ -1,7 +1,6 @@
 import numpy as np
 import pytest
 import torch
-
 from scripts.sampler import VoxelPairSamplerd
 
 SHAPE = (40, 36, 20)
@@ -142,7 +141,6 @@ def test_unknown_cache_mode_names_the_key(tmp_path):
 
 def test_index_sampler_continues_from_the_engine_iteration():
     from ignite.engine import Engine, Events
-
     from scripts.sampler import SampleIndexSampler
 
     sampler = SampleIndexSampler(samples_per_iteration=3)

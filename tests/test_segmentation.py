@@ -6,7 +6,7 @@ import pytest
 import torch
 from ignite.engine import Events
 from monai.engines import SupervisedTrainer
-
+from scripts.errors import BundleError
 from scripts.networks import FPN3d
 from scripts.segmentation import BackboneWarmup, FPNNonLinearHead, LinearFPNHead, SegmentationNet, segmentation_network
 
@@ -104,7 +104,7 @@ def test_freeze_backbone():
     assert not any(m.training for m in net.modules())
 
 
-def _run_trainer(warmup_epochs: int, max_epochs: int):
+def _run_trainer(warmup_epochs: int | str, max_epochs: int, pretrained: bool = True):
     """Trains a tiny net with SupervisedTrainer; returns the net and the (backbone, head) states after each epoch."""
     torch.manual_seed(0)
     net = segmentation_network(2, 2, 2)
@@ -117,7 +117,7 @@ def _run_trainer(warmup_epochs: int, max_epochs: int):
         optimizer=torch.optim.Adam(net.parameters(), 1e-2),  # all parameters, frozen ones included
         loss_function=torch.nn.BCEWithLogitsLoss(),
     )
-    BackboneWarmup(net, warmup_epochs).attach(trainer)
+    BackboneWarmup(net, warmup_epochs, pretrained).attach(trainer)
     states = [(_state(net.backbone), _state(net.head))]
     trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda _: states.append((_state(net.backbone), _state(net.head))))
     trainer.run()
@@ -144,6 +144,27 @@ def test_backbone_frozen_throughout(caplog):
     assert not _same(states[0][1], states[-1][1])
     out = caplog.text
     assert "epochs 1-2: backbone frozen" in out and "unfrozen" not in out
+
+
+def test_from_scratch_the_backbone_is_never_frozen(caplog):
+    caplog.set_level(logging.INFO)
+    net, states = _run_trainer(warmup_epochs=1, max_epochs=2, pretrained=False)
+    assert not _same(states[0][0], states[1][0]), "a random backbone trains from epoch 1"
+    out = caplog.text
+    assert "epoch 1: from scratch, no warm-up" in out and "frozen" not in out
+
+
+def test_all_keeps_even_a_random_backbone_frozen(caplog):
+    caplog.set_level(logging.INFO)
+    net, states = _run_trainer(warmup_epochs="all", max_epochs=2, pretrained=False)
+    assert _same(states[0][0], states[-1][0]), "linear evaluation of random features: the from-scratch reference"
+    assert "epochs 1-2: backbone frozen" in caplog.text
+
+
+@pytest.mark.parametrize("value", [-1, "some", 1.5])
+def test_warmup_epochs_must_be_a_count_or_all(value):
+    with pytest.raises(BundleError, match="warmup_epochs"):
+        BackboneWarmup(segmentation_network(2, 2, 2), value)
 
 
 def test_backbone_warmup_resume(caplog):

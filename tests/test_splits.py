@@ -5,7 +5,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-
 from scripts.errors import BundleError
 from scripts.splits import check_labels, labelled_datalist, split_cases
 

@@ -1,19 +1,20 @@
-"""The label-efficiency study: grid, resume, table and plot; one real cell through the bundle."""
+"""The label-efficiency study: grid, cell identity, resume, table and plot; one real cell through the bundle."""
 
 import csv
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-
 from scripts import study
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def fake_runner(calls):
-    def run(cell, root, extra):
+    def run(cell, root, tracking=None):
         calls.append(cell)
         summary = {"mean_dice": 0.1 * cell.budget + (0.05 if cell.checkpoint else 0) + 0.01 * cell.fold, "cases": 2}
         out = cell.folder(root) / "evaluation"
@@ -24,15 +25,36 @@ def fake_runner(calls):
     return run
 
 
-def test_grid_always_has_the_from_scratch_reference():
-    grid = study.cells(["models/a.pt", "b.pt"], ["linear", "finetune"], [1, 2, 4], [0, 1])
+@pytest.fixture
+def fake_runs(monkeypatch):
+    """Replaces the bundle runs of each cell by writing a summary; returns the (configs, keys, args) of each run."""
+    seen = []
+
+    def fake_bundle_run(run_id, configs, keys, extra, log):
+        seen.append((configs, keys, list(extra)))
+        out = Path(keys["output_dir"]) / "evaluation"
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "summary.json").write_text(json.dumps({"mean_dice": 0.5}))
+
+    monkeypatch.setattr(study, "bundle_run", fake_bundle_run)
+    return seen
+
+
+def backbone(path: Path, content: bytes = b"weights") -> str:
+    path.write_bytes(content)
+    return str(path)
+
+
+def test_grid_always_has_the_from_scratch_reference(tmp_path):
+    files = [backbone(tmp_path / "a.pt"), backbone(tmp_path / "b.pt")]
+    grid = study.cells(files, ["linear", "finetune"], [1, 2, 4], [0, 1])
     assert len(grid) == 3 * 2 * 3 * 2
     assert {c.init for c in grid} == {"scratch", "a", "b"}
     assert all(c.checkpoint is None for c in grid if c.init == "scratch")
 
 
 def test_study_writes_the_table_and_resumes_without_rerunning(tmp_path):
-    grid = study.cells(["x.pt"], ["finetune"], [1, 2], [0, 1])
+    grid = study.cells([backbone(tmp_path / "x.pt")], ["finetune"], [1, 2], [0, 1])
     calls = []
     rows = study.run_study(grid, tmp_path, runner=fake_runner(calls))
     assert len(calls) == len(grid) == len(rows) == 8
@@ -45,15 +67,43 @@ def test_study_writes_the_table_and_resumes_without_rerunning(tmp_path):
     study.run_study(grid, tmp_path, runner=fake_runner(again))
     assert again == [], "finished cells are not run again"
 
-    more = study.cells(["x.pt"], ["finetune"], [1, 2, 4], [0, 1])
+    more = study.cells([str(tmp_path / "x.pt")], ["finetune"], [1, 2, 4], [0, 1])
     study.run_study(more, tmp_path, runner=fake_runner(again))
     assert {c.budget for c in again} == {4}, "only the new cells run"
 
 
-def test_plot_draws_mean_and_spread(tmp_path):
+def test_a_changed_argument_is_a_new_cell_with_its_arguments_recorded(tmp_path, fake_runs):
+    argv = ["--budgets", "1", "--folds", "0", "--modes", "finetune", "--output_dir", str(tmp_path)]
+    study.main([*argv, "--", "--epochs", "2"])
+    assert len(fake_runs) == 2, "one training and one evaluation run"
+    study.main([*argv, "--", "--epochs", "20"])
+    assert len(fake_runs) == 4, "--epochs 20 after --epochs 2 is not the finished cell"
+    folders = sorted((tmp_path / "scratch/finetune").iterdir())
+    assert len(folders) == 2 and all(f.name.startswith("n1_f0_") for f in folders)
+    recorded = {tuple(json.loads((f / "args.json").read_text())["args"]) for f in folders}
+    assert recorded == {("--epochs", "2"), ("--epochs", "20")}
+    study.main([*argv, "--", "--epochs", "20"])
+    assert len(fake_runs) == 4, "the same arguments again: finished"
+
+
+def test_a_new_backbone_under_the_same_name_is_a_new_cell(tmp_path, fake_runs):
+    weights = backbone(tmp_path / "dhr.pt", b"first")
+    argv = ["--pretrained", weights, "--budgets", "1", "--folds", "0", "--modes", "linear"]
+    study.main([*argv, "--output_dir", str(tmp_path / "study")])
+    backbone(tmp_path / "dhr.pt", b"pretrained again")
+    fake_runs.clear()
+    study.main([*argv, "--output_dir", str(tmp_path / "study")])
+    assert [keys.get("pretrained_ckpt") for _, keys, _ in fake_runs] == [weights, weights], "only the backbone's cell"
+
+
+def test_plot_draws_mean_and_spread_without_offset_notation(tmp_path):
     rows = study.run_study(study.cells([], ["linear", "finetune"], [1, 2], [0, 1]), tmp_path, runner=fake_runner([]))
     study.plot(rows, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").stat().st_size > 10_000
+    close = [{**row, "mean_dice": 0.7131 + 1e-5 * row["budget"] + 1e-6 * row["fold"]} for row in rows]
+    figure = study.label_efficiency_figure(close)
+    figure.canvas.draw()
+    assert figure.axes[0].yaxis.get_offset_text().get_text() == ""
 
 
 def test_missing_pretrained_file_stops_the_study(tmp_path, capsys):
@@ -62,34 +112,75 @@ def test_missing_pretrained_file_stops_the_study(tmp_path, capsys):
     assert exit_info.value.code == 1 and "none.pt" in capsys.readouterr().err
 
 
-def test_one_real_cell_trains_and_evaluates_through_the_bundle(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--budgets", "0"], "--budgets 0"),
+        (["--folds", "3"], "0..2"),
+        (["--folds", "3", "--", "--num_folds", "5"], None),
+        (["--warmup_epochs", "-1"], "--warmup_epochs -1"),
+        (["--", "--warmup_epochs", "3"], "the study's own --warmup_epochs"),
+        (["--", "--fold", "1"], "--fold: set by the study"),
+        (["--", "--dataset_dir", "None"], "--dataset_dir None"),
+    ],
+)
+def test_arguments_are_checked_before_any_cell_runs(tmp_path, fake_runs, capsys, argv, message):
+    if message is None:
+        study.main(["--output_dir", str(tmp_path), "--budgets", "1", "--modes", "linear", *argv])
+        assert fake_runs
+        return
+    with pytest.raises(SystemExit):
+        study.main(["--output_dir", str(tmp_path), *argv])
+    assert message in capsys.readouterr().err and fake_runs == []
+
+
+def test_warm_up_applies_to_fine_tuning_only(tmp_path, fake_runs):
+    study.main(["--budgets", "1", "--folds", "0", "--warmup_epochs", "3", "--output_dir", str(tmp_path)])
+    warmups = {("configs/linear_eval.yaml" in configs, "--warmup_epochs" in args) for configs, _, args in fake_runs}
+    assert warmups == {(False, True), (True, False)}
+    assert all(args[args.index("--warmup_epochs") + 1] == "3" for _, _, args in fake_runs if "--warmup_epochs" in args)
+    assert all("pretrained_ckpt" not in keys for _, keys, _ in fake_runs), "from scratch: no --pretrained_ckpt None"
+
+
+@pytest.mark.parametrize("module", ["study", "compare", "benchmark", "import_weights", "visualize"])
+def test_help_shows_the_defaults(module):
+    result = subprocess.run(
+        [sys.executable, "-m", f"scripts.{module}", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert "(default: " in result.stdout, result.stdout
+    if module == "compare":
+        assert "72 cells" in " ".join(result.stdout.split())
+
+
+def test_one_real_cell_through_the_bundle_is_one_mlflow_run_of_the_study_experiment(tmp_path, monkeypatch):
+    from mlflow import MlflowClient
     from test_train_bundle import TINY, write_cases
 
     write_cases(tmp_path / "data")
     monkeypatch.chdir(ROOT)
     monkeypatch.setenv("PYTHONPATH", str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    overrides = {**TINY, "epochs": "1", "warmup_epochs": "0", "dataset_dir": str(tmp_path / "data")}
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    overrides = {**TINY, "epochs": "1", "dataset_dir": str(tmp_path / "data")}
     extra = [item for key, value in overrides.items() for item in (f"--{key}", value)]
-    summary = study.run_cell(study.Cell("scratch", None, "finetune", 1, 0), tmp_path / "study", extra)
-    assert 0.0 <= summary["mean_dice"] <= 1.0
-    assert (tmp_path / "study/scratch/finetune/n1_f0/model.pt").is_file()
+    argv = ["--budgets", "1", "--folds", "0", "--modes", "finetune", "--warmup_epochs", "0", "--tracking", "mlflow"]
+    study.main([*argv, "--output_dir", str(tmp_path / "study"), "--", *extra])
+
+    (folder,) = (tmp_path / "study/scratch/finetune").iterdir()
+    assert (folder / "model.pt").is_file() and json.loads((folder / "args.json").read_text())["budget"] == 1
     # A budget of 1 is one labelled scan in all: no extra validation case picks the checkpoint.
-    log = (tmp_path / "study/scratch/finetune/n1_f0/log.txt").read_text()
-    assert "Training on 1 cases; validating on 0" in log
-
-
-def test_warm_up_applies_to_fine_tuning_only(tmp_path, monkeypatch):
-    seen = []
-
-    def fake_bundle_run(run_id, configs, keys, extra, log):
-        seen.append((configs, keys.get("warmup_epochs")))
-        out = Path(keys["output_dir"]) / "evaluation"
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "summary.json").write_text(json.dumps({"mean_dice": 0.5}))
-
-    monkeypatch.setattr(study, "bundle_run", fake_bundle_run)
-    study.main(["--budgets", "1", "--folds", "0", "--warmup_epochs", "3", "--output_dir", str(tmp_path)])
-    warmups = {("configs/linear_eval.yaml" in configs, warmup) for configs, warmup in seen}
-    assert warmups == {(False, "3"), (True, None)}
-    with pytest.raises(SystemExit):
-        study.main(["--output_dir", str(tmp_path), "--", "--warmup_epochs", "3"])
+    assert "Training on 1 cases; validating on 0" in (folder / "log.txt").read_text()
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'study/mlruns.db'}")
+    (experiment,) = [e for e in client.search_experiments() if e.name != "Default"]
+    assert experiment.name == "label_efficiency"
+    runs = {run.info.run_name: run for run in client.search_runs([experiment.experiment_id])}
+    assert runs.keys() == {"scratch/finetune/n1_f0", "label_efficiency"}
+    cell = runs["scratch/finetune/n1_f0"]
+    assert cell.data.params["num_train_cases"] == "1" and cell.data.params["warmup_epochs"] == "0"
+    assert {"train_loss", "test_mean_dice"} <= cell.data.metrics.keys()
+    artifacts = {a.path for a in client.list_artifacts(cell.info.run_id)}
+    assert "args.json" in artifacts and "evaluation" in artifacts
+    assert any(a.startswith("config_") and a.endswith(".json") for a in artifacts), artifacts
+    summary = {a.path for a in client.list_artifacts(runs["label_efficiency"].info.run_id)}
+    assert summary == {"results.csv", "label_efficiency.png"}
+    assert not (ROOT / "mlruns").exists()

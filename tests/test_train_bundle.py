@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 from bundle import monai_bundle_run
-
 from scripts.networks import FPN3d
 from scripts.segmentation import segmentation_network
 from scripts.splits import labelled_datalist, split_cases
@@ -86,6 +85,9 @@ def test_fine_tuning_freezes_the_backbone_for_the_warm_up_then_trains_it(labelle
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     metrics = set().union(*(run.data.metrics for run in runs))
     assert {"val_mean_dice", "val_dice_1", "val_dice_2", "train_loss"} <= metrics
+    (run,) = runs
+    assert run.info.run_name == "finetune backbone n=all fold 0"
+    assert run.data.params["warmup_epochs"] == "1" and run.data.params["pretrained_ckpt"].endswith("backbone.pt")
 
 
 def test_linear_evaluation_leaves_the_backbone_bitwise_unchanged(labelled):
@@ -100,6 +102,14 @@ def test_linear_evaluation_leaves_the_backbone_bitwise_unchanged(labelled):
     probed = trained_model(labelled / "linear/model.pt")
     for key, value in probed.backbone.state_dict().items():
         assert torch.equal(value, pretrained[key]), key
+
+
+def test_linear_evaluation_refuses_a_warm_up(labelled):
+    config = "['configs/train.yaml','configs/linear_eval.yaml']"
+    result = run_bundle(labelled, config=config, warmup_epochs="1", output_dir=str(labelled / "linear_warmup"))
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: warmup_epochs=1 with configs/linear_eval.yaml"), last
 
 
 def test_labels_beyond_num_classes_stop_with_the_file_name(labelled):

@@ -2,10 +2,9 @@ import pytest
 import torch
 from ignite.engine import Engine, Events
 from monai.engines import SupervisedTrainer
-from torch import nn
-
 from scripts.losses import HybridLoss
 from scripts.training import ExportBackbone, GradientClipping, NonFiniteLossGuard, SSLBatch, latest_checkpoint
+from torch import nn
 
 
 def sampler_batch(volumes=2, pairs=3, k=5, patch=(4, 4, 2)):

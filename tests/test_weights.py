@@ -6,7 +6,6 @@ from pathlib import Path
 import pytest
 import torch
 from monai.bundle import ConfigParser
-
 from scripts.errors import BundleError, find_bundle_error
 from scripts.networks import FPN3d
 from scripts.segmentation import segmentation_network

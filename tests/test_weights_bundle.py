@@ -6,10 +6,9 @@ import nibabel as nib
 import pytest
 import torch
 from bundle import monai_bundle_run
-from test_train_bundle import write_cases
-
 from scripts.networks import FPN3d
 from scripts.weights import read_info, sidecar
+from test_train_bundle import write_cases
 
 # Only run-length and data keys: the network and preprocessing keys come from the weights.
 SHORT = {"epochs": "1", "epoch_length": "2", "val_interval": "1", "num_workers": "0", "progress": "False"}

@@ -1,0 +1,50 @@
+"""scripts.visualize: a PNG of the image, per-level PCA and query similarity, one column group per backbone."""
+
+import matplotlib.image
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from scripts import visualize
+from scripts.errors import BundleError
+from scripts.networks import FPN3d
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    """Two backbones of different architectures (plain state dicts: read from their tensor shapes) and a 24^3 body."""
+    torch.manual_seed(0)
+    torch.save(FPN3d(1, 4, 2).state_dict(), tmp_path / "small.pt")
+    torch.save(FPN3d(1, 4, 3).state_dict(), tmp_path / "deeper.pt")
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, 24)] * 3, indexing="ij"))
+    body = (grid**2).sum(0) < 0.7
+    image = np.where(body, 300 + 100 * (grid[0] > 0) + 20 * np.random.default_rng(0).random(body.shape), 0)
+    nib.save(nib.Nifti1Image(image.astype(np.float32), np.diag([1.5, 1.5, 1.5, 1.0])), tmp_path / "image.nii.gz")
+    return tmp_path
+
+
+def test_writes_one_column_group_per_backbone_with_a_row_per_level(inputs):
+    output = inputs / "out/view.png"
+    argv = ["--backbone", str(inputs / "small.pt"), str(inputs / "deeper.pt"), "--image", str(inputs / "image.nii.gz")]
+    visualize.main([*argv, "--voxel", "12", "10", "12", "--crop", "16", "16", "16", "--output", str(output)])
+    rows, columns = 2 + 3, 2 * 3  # image, 3 levels of the deeper backbone, similarity; 3 views per backbone
+    height, width = matplotlib.image.imread(output).shape[:2]
+    assert (width, height) == (
+        round(columns * visualize.PANEL_INCHES * visualize.DPI),
+        round((rows * visualize.PANEL_INCHES + 0.4) * visualize.DPI),
+    )
+
+
+def test_similarity_is_one_at_the_query_and_pca_is_rgb_in_range(inputs):
+    column = visualize.column(str(inputs / "deeper.pt"), str(inputs / "image.nii.gz"), None, (16, 16, 16), "mri")
+    assert column["image"].shape == (16, 16, 16) and len(column["levels"]) == 3
+    assert all(rgb.shape == (16, 16, 16, 3) and rgb.min() >= 0 and rgb.max() <= 1 for rgb in column["levels"])
+    x, y, z = column["voxel"]
+    assert column["similarity"][x, y, z] == pytest.approx(1.0, abs=1e-5)
+    assert column["similarity"].min() >= -1 - 1e-5
+
+
+def test_a_file_without_a_backbone_is_named(inputs):
+    torch.save({"head.weight": torch.zeros(2)}, inputs / "head.pt")
+    with pytest.raises(BundleError, match="head.pt"):
+        visualize.load(inputs / "head.pt")
