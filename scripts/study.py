@@ -2,7 +2,7 @@
 
 Usage (from the bundle root)::
 
-    python -m scripts.study --pretrained models/pretrained_backbone.pt --budgets 1 2 4 --folds 0 1 2 \
+    python -m scripts.study --pretrained runs/pretrain/pretrained_backbone.pt --budgets 1 2 4 --folds 0 1 2 \
         [--modes linear finetune] [--warmup_epochs N] [--output_dir runs/study] [--tracking mlflow] \
         [-- --epochs 20 --epoch_length 50]
 

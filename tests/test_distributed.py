@@ -20,7 +20,7 @@ MULTI = "configs/multi_gpu_pretrain.yaml"
 
 def pretrain(tmp: Path, *configs: str, epochs: int, **keys: str):
     config = str(["configs/pretrain.yaml", *configs, MULTI, PROBE])
-    paths = {"dataset_dir": tmp / "data", "output_dir": tmp / "out", "models_dir": tmp / "models"}
+    paths = {"dataset_dir": tmp / "data", "output_dir": tmp / "out", "cache_dir": tmp / "cache"}
     result = monai_bundle_run("pretrain", config, {**TINY, **paths, "epochs": epochs, **keys}, nproc=2)
     return result, [torch.load(tmp / f"out/probe/rank{r}.pt", weights_only=True) for r in range(2)]
 
@@ -45,9 +45,12 @@ def test_dhr_ranks_draw_their_own_data_and_end_with_the_same_weights(dhr):
     assert ranks[0]["iteration"] == ranks[1]["iteration"] == 6
     assert not set(ranks[0]["batches"]) & set(ranks[1]["batches"]), "the ranks drew the same patches"
     assert_same(ranks[0]["parameters"], ranks[1]["parameters"])
-    assert [p.name for p in (tmp / "out/checkpoints").iterdir()] == ["checkpoint_iteration=6.pt"]
-    assert [p.name for p in (tmp / "models").iterdir()] == ["pretrained_backbone.pt"]
-    exported = torch.load(tmp / "models/pretrained_backbone.pt", weights_only=True)
+    # rank 0 alone writes: the single-process set of files, each once, nothing half-written
+    checkpoints = sorted(p.name for p in (tmp / "out/checkpoints").iterdir())
+    assert checkpoints[-1] == "checkpoint_iteration=6.pt" and all(name.endswith(".pt") for name in checkpoints)
+    exports = sorted(p.name for p in (tmp / "out").glob("pretrained_backbone*"))
+    assert exports == ["pretrained_backbone.json", "pretrained_backbone.pt"]
+    exported = torch.load(tmp / "out/pretrained_backbone.pt", weights_only=True)
     FPN3d(1, 4, 3).load_state_dict(exported)  # no DDP "module." prefix
     rank0 = {**ranks[0]["parameters"], **ranks[0]["buffers"]}
     assert_same(exported, {k.removeprefix("backbone."): v for k, v in rank0.items() if k.startswith("backbone.")})
@@ -65,7 +68,7 @@ def test_a_resumed_two_process_run_continues_from_the_saved_iteration(dhr):
 
 def test_a_non_finite_loss_on_one_rank_stops_both_with_one_message(dhr):
     tmp, _ = dhr
-    keys = {"output_dir": tmp / "nan", "nan_rank": 1, "nan_iteration": 2, "log_interval": 2, "augmentations": "none"}
+    keys = {"output_dir": tmp / "nan", "cache_dir": tmp / "cache", "nan_rank": 1, "nan_iteration": 2, "log_interval": 2, "augmentations": "none"}
     config = str(["configs/pretrain.yaml", MULTI, PROBE])
     result = monai_bundle_run("pretrain", config, {**TINY, "dataset_dir": tmp / "data", **keys, "epochs": 1}, nproc=2)
     assert result.returncode != 0
@@ -88,14 +91,14 @@ def test_pcrl_ranks_share_queue_teacher_and_weights(tmp_path):
 def test_fine_tuning_on_two_ranks(tmp_path):
     write_cases(tmp_path / "data")
     keys = {**TRAIN_TINY, "dataset_dir": tmp_path / "data", "output_dir": tmp_path / "out"}
-    keys.update(models_dir=tmp_path / "models", warmup_epochs=1, num_val_cases=1)
+    keys.update(warmup_epochs=1, num_val_cases=1)
     config = "['configs/train.yaml','configs/multi_gpu_train.yaml','tests/configs/rank_probe.yaml']"
     result = monai_bundle_run(None, config, keys, nproc=2)
     assert result.returncode == 0, result.stderr[-4000:]
     ranks = [torch.load(tmp_path / f"out/probe/rank{r}.pt", weights_only=True) for r in range(2)]
     assert not set(ranks[0]["batches"]) & set(ranks[1]["batches"])
     assert_same(ranks[0]["parameters"], ranks[1]["parameters"])
-    assert [p.name for p in (tmp_path / "models").iterdir()] == ["model.pt"]
+    assert sorted(p.name for p in (tmp_path / "out").glob("model.*")) == ["model.json", "model.pt"]
     assert result.stdout.count("epoch 2: backbone unfrozen") == 2  # both ranks, warm-up over DDP
 
 

@@ -80,23 +80,23 @@ def trained(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("zoo")
     write_cases(tmp / "data")
-    keys = {**TRAIN, "dataset_dir": str(tmp / "data"), "output_dir": str(tmp / "out"), "models_dir": str(tmp / "m")}
+    keys = {**TRAIN, "dataset_dir": str(tmp / "data"), "output_dir": str(tmp / "out")}
     root = logging.getLogger()
     handlers = root.handlers[:]
     check_and_run(zoo_workflow("train.yaml", "train", **keys))
     root.handlers[:] = handlers
-    assert (tmp / "m/model.pt").is_file()
+    assert (tmp / "out/model.pt").is_file()
     return tmp, keys
 
 
 def test_train_then_evaluate_as_the_zoo_runs_it(trained):
     tmp, keys = trained
-    model = (tmp / "m/model.pt").read_bytes()
+    model = (tmp / "out/model.pt").read_bytes()
     # train.yaml + evaluate.yaml under the default run id `run` evaluates, and trains nothing
     check_and_run(zoo_workflow(["train.yaml", "evaluate.yaml"], "train", **keys))
     summary = json.loads((tmp / "out/evaluation/summary.json").read_text())
     assert summary["num_cases"] == 1 and set(summary["dice_per_class"]) == {"1", "2"}
-    assert (tmp / "m/model.pt").read_bytes() == model
+    assert (tmp / "out/model.pt").read_bytes() == model
 
 
 def test_inference_as_the_zoo_runs_it(trained):
@@ -108,7 +108,7 @@ def test_inference_as_the_zoo_runs_it(trained):
         **keys,
         dataset_dir=str(tmp / "data/imagesTr"),
         output_dir=str(tmp / "masks"),
-        model_file=str(tmp / "m/model.pt"),
+        model_file=str(tmp / "out/model.pt"),
     )
     check_and_run(workflow)
     assert len(list((tmp / "masks").glob("*_seg.nii.gz"))) == 5
@@ -119,7 +119,7 @@ def test_pretrain_under_the_default_run_id(tmp_path):
 
     write_volumes(tmp_path / "data")
     keys = {**PRETRAIN, "dataset_dir": str(tmp_path / "data"), "output_dir": str(tmp_path / "out")}
-    workflow = zoo_workflow("pretrain.yaml", "train", **keys, models_dir=str(tmp_path / "m"))
+    workflow = zoo_workflow("pretrain.yaml", "train", **keys, cache_dir=str(tmp_path / "cache"))
     check_and_run(workflow)
     backbone = torch.load(workflow.parser.get_parsed_content("backbone_file"), weights_only=True)
     assert "first_conv.weight" in backbone
@@ -127,8 +127,8 @@ def test_pretrain_under_the_default_run_id(tmp_path):
 
 def test_command_line_run_id_run_evaluates_train_plus_evaluate(trained):
     tmp, keys = trained
-    args = {k: json.dumps(v) for k, v in keys.items() if k not in ("dataset_dir", "output_dir", "models_dir")}
-    paths = {"dataset_dir": tmp / "data", "output_dir": tmp / "cli", "models_dir": tmp / "m"}
+    args = {k: json.dumps(v) for k, v in keys.items() if k not in ("dataset_dir", "output_dir")}
+    paths = {"dataset_dir": tmp / "data", "output_dir": tmp / "cli", "model_file": tmp / "out/model.pt"}
     result = monai_bundle_run(None, "['configs/train.yaml','configs/evaluate.yaml']", {**args, **paths})
     assert result.returncode == 0, result.stderr[-4000:]
     assert "Evaluating" in result.stdout and "Training on" not in result.stdout
