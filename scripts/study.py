@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 from scripts import log
 from scripts.cli import none_overrides
+from scripts.weights import read_info
 
 logger = logging.getLogger(__name__)
 
@@ -121,13 +122,25 @@ def cells(
     names = [Path(p).parent.name if stems.count(stem) > 1 else stem for p, stem in zip(pretrained, stems, strict=True)]
     inits = [("scratch", None, None)] + [(n, p, file_digest(p)) for n, p in zip(names, pretrained, strict=True)]
     warmup = () if warmup_epochs is None else ("--warmup_epochs", str(warmup_epochs))
+    scratch = scratch_args(pretrained[0], extra) if pretrained else ()
     return [
-        Cell(i, c, m, b, f, (*extra, *(warmup if m == "finetune" else ())), d)
+        Cell(i, c, m, b, f, (*extra, *(scratch if c is None else ()), *(warmup if m == "finetune" else ())), d)
         for i, c, d in inits
         for m in modes
         for b in budgets
         for f in folds
     ]
+
+
+def scratch_args(backbone: str, extra: Sequence[str]) -> tuple[str, ...]:
+    """The reference trained from scratch is the first backbone's network and preprocessing, untrained: its
+    ``base_channels``, ``num_scales``, ``modality`` and ``patch_size`` (as its weight file records them), unless the
+    run arguments ``extra`` set them."""
+    given = {a[2:].partition("=")[0] for a in extra if a.startswith("--")}
+    info = read_info(backbone)
+    keys = [k for k in ("base_channels", "num_scales", "modality", "patch_size") if info.get(k) and k not in given]
+    text = {k: info[k] if isinstance(info[k], str) else json.dumps(info[k]).replace(" ", "") for k in keys}
+    return tuple(item for k in keys for item in (f"--{k}", text[k]))
 
 
 @dataclass(frozen=True)

@@ -68,7 +68,8 @@ def test_a_resumed_two_process_run_continues_from_the_saved_iteration(dhr):
 
 def test_a_non_finite_loss_on_one_rank_stops_both_with_one_message(dhr):
     tmp, _ = dhr
-    keys = {"output_dir": tmp / "nan", "cache_dir": tmp / "cache", "nan_rank": 1, "nan_iteration": 2, "log_interval": 2, "augmentations": "none"}
+    keys = {"output_dir": tmp / "nan", "cache_dir": tmp / "cache", "nan_rank": 1, "nan_iteration": 2}
+    keys |= {"log_interval": 2, "augmentations": "none"}
     config = str(["configs/pretrain.yaml", MULTI, PROBE])
     result = monai_bundle_run("pretrain", config, {**TINY, "dataset_dir": tmp / "data", **keys, "epochs": 1}, nproc=2)
     assert result.returncode != 0

@@ -184,3 +184,18 @@ def test_one_real_cell_through_the_bundle_is_one_mlflow_run_of_the_study_experim
     summary = {a.path for a in client.list_artifacts(runs["label_efficiency"].info.run_id)}
     assert summary == {"results.csv", "label_efficiency.png"}
     assert not (ROOT / "mlruns").exists()
+
+
+def test_from_scratch_is_the_first_backbones_network_untrained(tmp_path):
+    from scripts.networks import FPN3d
+    from scripts.weights import save_weights
+
+    info = {"kind": "backbone", "in_channels": 1, "base_channels": 4, "num_scales": 3, "modality": "ct"}
+    save_weights(FPN3d(1, 4, 3).state_dict(), tmp_path / "dhr.pt", {**info, "patch_size": [16, 16, 8]})
+    size = ("--base_channels", "4", "--num_scales", "3")
+    patch = ("--patch_size", "[16,16,8]")
+    scratch, pretrained = study.cells([str(tmp_path / "dhr.pt")], ["linear"], [1], [0], extra=["--modality", "mri"])
+    assert scratch.args == ("--modality", "mri", *size, *patch)  # the run's own --modality wins
+    assert pretrained.args == ("--modality", "mri")
+    scratch, _ = study.cells([str(tmp_path / "dhr.pt")], ["linear"], [1], [0])
+    assert scratch.args == (*size, "--modality", "ct", *patch)
