@@ -1,4 +1,5 @@
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -58,9 +59,10 @@ def test_demo_preprocesses_as_mri(demo):
     assert body[brain].mean() > 0.97 and brain[body].mean() > 0.97
 
 
-def test_preparation_says_what_it_is_doing(tmp_path, capsys):
+def test_preparation_says_what_it_is_doing(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
     datalist = prepare_demo(tmp_path / "demo", num_subjects=1)
-    out = capsys.readouterr().out
+    out = caplog.text
     assert f"preparing the demo dataset in {tmp_path / 'demo'} (once, offline): 1 synthetic brain MRI subjects" in out
     assert f"demo dataset ready: {datalist}" in out
 
