@@ -34,7 +34,7 @@ from scripts.cli import none_overrides
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["METHODS", "pretrain", "main"]
+__all__ = ["METHODS", "pretrain_folder", "pretrain", "main"]
 
 METHODS = {
     "dhr": ["configs/pretrain.yaml"],
@@ -45,10 +45,15 @@ METHODS = {
 OWN_KEYS = {"output_dir", "backbone_file", "progress", "tracking", "tracking_uri", "experiment_name"}
 
 
+def pretrain_folder(method: str, root: Path, extra: Sequence[str] = ()) -> tuple[Path, dict]:
+    """The folder of ``method``'s pretraining with the arguments ``extra``, and the identity that names it."""
+    identity = {"method": method, "configs": METHODS[method], "args": list(extra)}
+    return root / f"pretrain_{method}_{study.args_digest(identity)}", identity
+
+
 def pretrain(method: str, root: Path, extra: Sequence[str] = (), tracking: study.Tracking | None = None) -> Path:
     """Pretrains one method (unless its backbone exists for the same arguments) and returns the backbone file."""
-    identity = {"method": method, "configs": METHODS[method], "args": list(extra)}
-    folder = root / f"pretrain_{method}_{study.args_digest(identity)}"
+    folder, identity = pretrain_folder(method, root, extra)
     backbone = folder / "pretrained_backbone.pt"  # where pretraining exports it
     if backbone.is_file():
         logger.info(f"done already: {backbone}")

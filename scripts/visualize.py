@@ -197,8 +197,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         if not Path(path).is_file():
             parser.exit(1, f"error: {path}: no such file\n")
 
-    torch.set_grad_enabled(False)
-    columns = [column(path, args.image, args.voxel, args.crop, args.modality) for path in args.backbone]
+    with torch.no_grad():
+        columns = [column(path, args.image, args.voxel, args.crop, args.modality) for path in args.backbone]
     import matplotlib.pyplot as plt
 
     fig = figure(columns)

@@ -21,9 +21,9 @@ def test_compare_studies_backbones_of_different_architectures(tmp_path, monkeypa
     # What the two pretraining runs export into their folders, so compare skips pretraining: DHR's file with its
     # sidecar, vox2vec's as the authors release it (a plain state dict, described by its shapes).
     info = {"kind": "backbone", "in_channels": 1, "base_channels": 8, "num_scales": 3, "modality": "mri"}
-    dhr = root / "pretrain_dhr/pretrained_backbone.pt"
+    dhr = compare.pretrain_folder("dhr", root)[0] / "pretrained_backbone.pt"
     save_weights(FPN3d(1, 8, 3).state_dict(), dhr, info | {"patch_size": [16, 16, 8], "method": "dhr"})
-    vox2vec = root / "pretrain_vox2vec/pretrained_backbone.pt"
+    vox2vec = compare.pretrain_folder("vox2vec", root)[0] / "pretrained_backbone.pt"
     vox2vec.parent.mkdir()
     torch.save(FPN3d(1, 4, 4).state_dict(), vox2vec)
 
@@ -38,9 +38,12 @@ def test_compare_studies_backbones_of_different_architectures(tmp_path, monkeypa
 
     with open(root / "study/results.csv") as f:
         rows = list(csv.DictReader(f))
-    cells = {(r["init"], r["mode"]) for r in rows}
-    assert cells == {(i, m) for i in ("scratch", "pretrain_dhr", "pretrain_vox2vec") for m in ("linear", "finetune")}
+    names = {"scratch": "scratch", dhr.parent.name: "dhr", vox2vec.parent.name: "vox2vec"}
+    cells = {(names[r["init"]], r["mode"]) for r in rows}
+    assert cells == {(i, m) for i in ("scratch", "dhr", "vox2vec") for m in ("linear", "finetune")}
     assert all(0.0 <= float(r["mean_dice"]) <= 1.0 for r in rows)
-    for init, size in (("scratch", (32, 5)), ("pretrain_dhr", (8, 3)), ("pretrain_vox2vec", (4, 4))):
-        model = read_info(root / f"study/{init}/finetune/n1_f0/model.pt")
-        assert (model["base_channels"], model["num_scales"]) == size, init
+    # from scratch is the first backbone's (DHR's) network untrained
+    for init, size in (("scratch", (8, 3)), (dhr.parent.name, (8, 3)), (vox2vec.parent.name, (4, 4))):
+        (model,) = (root / f"study/{init}/finetune").glob("n1_f0_*/model.pt")
+        info = read_info(model)
+        assert (info["base_channels"], info["num_scales"]) == size, init
