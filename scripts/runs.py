@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
-from scripts.distributed import is_main
+from scripts.distributed import is_main, unwrap
 from scripts.errors import BundleError
 
 logger = logging.getLogger(__name__)
@@ -344,7 +344,8 @@ class CheckpointSaver:
         folder = self.run.checkpoint_dir
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"checkpoint_iteration={engine.state.iteration}.pt"
-        state = {key: obj.state_dict() for key, obj in self.save_dict.items()}
+        # a DDP network's own module: ignite's loader unwraps DDP, and a 1-process run can resume a torchrun one
+        state = {key: unwrap(obj).state_dict() for key, obj in self.save_dict.items()}
         state.update(rng=rng_states(), run=self.run.identity)
         partial = path.with_name(path.name + ".partial")
         try:

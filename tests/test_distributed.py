@@ -91,8 +91,11 @@ def test_pcrl_ranks_share_queue_teacher_and_weights(tmp_path):
 
 def test_fine_tuning_on_two_ranks(tmp_path):
     write_cases(tmp_path / "data")
+    # the warm-up applies to a loaded backbone
+    backbone = FPN3d(1, int(TRAIN_TINY["base_channels"]), int(TRAIN_TINY["num_scales"]))
+    torch.save(backbone.state_dict(), tmp_path / "backbone.pt")
     keys = {**TRAIN_TINY, "dataset_dir": tmp_path / "data", "output_dir": tmp_path / "out"}
-    keys.update(warmup_epochs=1, num_val_cases=1)
+    keys.update(warmup_epochs=1, num_val_cases=1, pretrained_ckpt=tmp_path / "backbone.pt")
     config = "['configs/train.yaml','configs/multi_gpu_train.yaml','tests/configs/rank_probe.yaml']"
     result = monai_bundle_run(None, config, keys, nproc=2)
     assert result.returncode == 0, result.stderr[-4000:]
