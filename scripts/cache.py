@@ -252,7 +252,12 @@ def prepare_volumes(
     )
     statuses = list(loader)
     files = [item["image"] for item in datalist]
-    errors = [f"{file}: {s['error']}" for file, s in zip(files, statuses, strict=True) if s["error"]]
+    # our checks name the file already; a reader's error (e.g. a truncated gzip stream) gets it in front
+    errors = [
+        s["error"] if str(file) in s["error"] else f"{file}: {s['error']}"
+        for file, s in zip(files, statuses, strict=True)
+        if s["error"]
+    ]
     if errors:
         raise BundleError(
             f"{len(errors)} of {len(files)} volumes cannot be used; fix or remove them from the datalist:\n"

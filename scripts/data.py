@@ -30,7 +30,7 @@ from monai.transforms import (
 )
 from monai.utils import convert_to_dst_type, convert_to_numpy, ensure_tuple
 from scipy import ndimage
-from scripts.errors import BundleError
+from scripts.errors import BundleError, InputNotFoundError, InvalidInputError
 
 __all__ = [
     "PRESETS",
@@ -81,14 +81,14 @@ def load_datalist(source: str | os.PathLike, key: str = "training") -> list[dict
     """
     path = Path(source).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"Dataset source {path} does not exist: give a datalist JSON or a NIfTI folder.")
+        raise InputNotFoundError(f"Dataset source {path} does not exist: give a datalist JSON or a NIfTI folder.")
     if path.is_dir():
         if (path / "dataset.json").is_file():
             path = path / "dataset.json"
         else:
             images = sorted(str(p) for p in path.rglob("*") if p.is_file() and p.name.endswith(_NIFTI_SUFFIXES))
             if not images:
-                raise FileNotFoundError(
+                raise InputNotFoundError(
                     f"No NIfTI files (*.nii, *.nii.gz) and no dataset.json found in {path}: "
                     "point to a folder holding the volumes or to a datalist JSON."
                 )
@@ -96,18 +96,18 @@ def load_datalist(source: str | os.PathLike, key: str = "training") -> list[dict
     try:
         content = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"Datalist {path} is not valid JSON ({e}): fix or regenerate it.") from e
+        raise InvalidInputError(f"Datalist {path} is not valid JSON ({e}): fix or regenerate it.") from e
     if not isinstance(content, dict) or not isinstance(content.get(key), list) or not content[key]:
         found = sorted(content) if isinstance(content, dict) else type(content).__name__
-        raise ValueError(f"Datalist {path} has no non-empty list under the key '{key}' (found: {found}).")
+        raise InvalidInputError(f"Datalist {path} has no non-empty list under the key '{key}' (found: {found}).")
     items = load_decathlon_datalist(path, is_segmentation=True, data_list_key=key)
     for i, item in enumerate(items):
         if "image" not in item:
-            raise ValueError(f"Item {i} of '{key}' in {path} has no 'image' entry: {item}.")
+            raise InvalidInputError(f"Item {i} of '{key}' in {path} has no 'image' entry: {item}.")
         for name in ("image", "label"):
             for file in ensure_tuple(item.get(name, ())):
                 if not os.path.exists(file):
-                    raise FileNotFoundError(f"The {name} {file} listed in {path} ('{key}' item {i}) does not exist.")
+                    raise InputNotFoundError(f"The {name} {file} listed in {path} ('{key}' item {i}) does not exist.")
     return items
 
 
@@ -146,17 +146,18 @@ class CheckVolumed(MapTransform):
                 raise BundleError(f"{file} holds non-finite values (NaN or inf): fix it or remove it from the dataset.")
             spacing = np.asarray(image.pixdim, dtype=np.float64) if isinstance(image, MetaTensor) else self.pixdim
             extent = np.asarray(image.shape[1:]) * spacing
+            target = tuple(self.pixdim.tolist())  # plain floats: numpy 2 would print np.float64(1.5)
             for axis in range(3):
                 if extent[axis] < self.pixdim[axis]:
                     raise BundleError(
-                        f"{file} shrinks to nothing when resampled to {tuple(self.pixdim)} mm: it spans "
+                        f"{file} shrinks to nothing when resampled to {target} mm: it spans "
                         f"{extent[axis]:.3g} mm along axis {axis}, less than one voxel. Check the voxel size in its "
                         "header, or remove it from the dataset."
                     )
                 growth = spacing[axis] / self.pixdim[axis]
                 if growth > MAX_GROWTH:
                     warnings.warn(
-                        f"{file}: resampling to {tuple(self.pixdim)} mm enlarges it {growth:.0f}x along axis {axis} "
+                        f"{file}: resampling to {target} mm enlarges it {growth:.0f}x along axis {axis} "
                         f"(its voxels are {spacing[axis]:.3g} mm there); check the voxel size in its header.",
                         VolumeWarning,
                         stacklevel=1,  # about the file, not the code: the caller's line would add nothing
@@ -266,7 +267,7 @@ def preprocessing(
         the label (1, X, Y, Z) on the same grid.
     """
     if modality not in PRESETS:
-        raise ValueError(f"Unknown modality={modality!r}: the key `modality` must be one of {sorted(PRESETS)}.")
+        raise InvalidInputError(f"Unknown modality={modality!r}: the key `modality` must be one of {sorted(PRESETS)}.")
     preset = PRESETS[modality]
     keys = [image_key] + ([label_key] if label_key else [])
     spacing = preset["pixdim"] if pixdim is None else pixdim

@@ -14,11 +14,19 @@ import sys
 import traceback
 from types import TracebackType
 
-__all__ = ["BundleError", "find_bundle_error", "install", "report"]
+__all__ = ["BundleError", "InputNotFoundError", "InvalidInputError", "find_bundle_error", "install", "report"]
 
 
 class BundleError(Exception):
     """A problem the user can fix: the message names the file or key, the problem and the remedy."""
+
+
+class InputNotFoundError(BundleError, FileNotFoundError):
+    """A file or folder the user named does not exist; also a FileNotFoundError, for callers that catch one."""
+
+
+class InvalidInputError(BundleError, ValueError):
+    """An input the user gave (a datalist, a key's value) is malformed; also a ValueError, for callers that catch it."""
 
 
 def find_bundle_error(error: BaseException | None) -> BundleError | None:

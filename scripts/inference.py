@@ -16,7 +16,21 @@ from scripts.splits import read_volume
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["check_inputs", "report_problems", "segmentation_inputs"]
+__all__ = ["check_inputs", "report_problems", "require_model", "segmentation_inputs"]
+
+
+def require_model(model_file: str) -> None:
+    """Stops the run before any image is read when ``model_file`` does not exist. (The config builds its network
+    without the file, for the Model Zoo's checks; segmenting would fail at the first image, with a bare traceback.)
+
+    Raises:
+        BundleError: naming the file and the key.
+    """
+    if not Path(model_file).is_file():
+        raise BundleError(
+            f"model_file {model_file} does not exist: give a trained model with --model_file (configs/train.yaml "
+            "writes <output_dir>/model.pt)."
+        )
 
 
 def segmentation_inputs(source: str, datalist_key: str, output_dir: str, postfix: str = "seg") -> list[dict]:

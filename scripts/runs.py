@@ -60,6 +60,8 @@ _POSITIVE = (
     "epoch_length",
     "epochs",
     "checkpoint_interval",
+    "val_interval",
+    "patches_per_volume",
 )
 
 
@@ -68,7 +70,7 @@ def _is_int(value: Any) -> bool:
 
 
 def check_keys(keys: Mapping[str, Any]) -> None:
-    """Checks the pretraining keys present in ``keys`` before any work, naming key, value and remedy.
+    """Checks the keys present in ``keys`` before any work, naming key, value and remedy (every workflow).
 
     Checked: ``patch_size`` (3 positive integers), the counts in ``_POSITIVE`` (integers >= 1), ``modality`` (a preset
     of ``scripts.data.PRESETS``), ``augmentations`` (what ``build_augmentation`` accepts with this modality) and

@@ -16,7 +16,7 @@ import nibabel as nib
 import numpy as np
 from monai.utils import ensure_tuple
 from scripts.data import _NIFTI_SUFFIXES, load_datalist
-from scripts.errors import BundleError
+from scripts.errors import BundleError, InputNotFoundError, InvalidInputError
 
 __all__ = ["check_labels", "labelled_datalist", "split_cases"]
 
@@ -47,7 +47,7 @@ def _check_disjoint(datalist: dict[str, list[dict]], where: str) -> None:
             else:
                 seen[case] = key
     if clashes:
-        raise ValueError(
+        raise InvalidInputError(
             f"The datalist {where} lists {len(clashes)} image(s) more than once, which would leak cases between "
             "training, validation and test; list each case once:\n" + "\n".join(clashes)
         )
@@ -68,7 +68,7 @@ def _pair_folder(images_dir: Path, labels_dir: Path) -> list[dict]:
     problems = [f"image {images[n]} has no label {labels_dir / n}" for n in sorted(images) if n not in labels]
     problems += [f"label {labels[n]} has no image {images_dir / n}" for n in sorted(labels) if n not in images]
     if problems:
-        raise FileNotFoundError(
+        raise InputNotFoundError(
             f"Images and labels of {images_dir.parent} do not match by file name:\n" + "\n".join(problems)
         )
     return [{"image": str(images[n]), "label": str(labels[n])} for n in sorted(images)]
@@ -77,7 +77,7 @@ def _pair_folder(images_dir: Path, labels_dir: Path) -> list[dict]:
 def _require_labels(items: list[dict], key: str, where: str) -> None:
     missing = [str(item["image"]) for item in items if "label" not in item]
     if missing:
-        raise ValueError(
+        raise InvalidInputError(
             f"{len(missing)} item(s) of '{key}' in {where} have no 'label'; labelled data needs one per image:\n"
             + "\n".join(missing)
         )
@@ -103,15 +103,17 @@ def labelled_datalist(source: str | os.PathLike) -> dict[str, list[dict]]:
     """
     path = Path(source).expanduser().absolute()
     if not path.exists():
-        raise FileNotFoundError(f"Labelled dataset {path} does not exist: give a datalist JSON or an MSD-style folder.")
+        raise InputNotFoundError(
+            f"Labelled dataset {path} does not exist: give a datalist JSON or an MSD-style folder."
+        )
     if path.is_dir() and not (path / "dataset.json").is_file():
         if not ((path / "imagesTr").is_dir() and (path / "labelsTr").is_dir()):
-            raise FileNotFoundError(
+            raise InputNotFoundError(
                 f"{path} has neither a dataset.json nor imagesTr/ and labelsTr/ folders: labelled data needs either."
             )
         result = {"training": _pair_folder(path / "imagesTr", path / "labelsTr"), "validation": [], "test": []}
         if not result["training"]:
-            raise ValueError(f"No labelled cases (*.nii, *.nii.gz) in {path / 'imagesTr'}.")
+            raise InvalidInputError(f"No labelled cases (*.nii, *.nii.gz) in {path / 'imagesTr'}.")
         if (path / "labelsTs").is_dir():
             result["test"] = _pair_folder(path / "imagesTs", path / "labelsTs")
         elif (path / "imagesTs").is_dir() and _nifti_files(path / "imagesTs"):
@@ -223,7 +225,8 @@ def split_cases(
 
 
 def read_volume(file: str, kind: str = "image") -> tuple[nib.spatialimages.SpatialImage | None, np.ndarray | None, str]:
-    """Reads a NIfTI file in full (a truncated file fails only when its data are read) and checks that it is 3D.
+    """Reads a NIfTI file in full (a truncated file fails only when its data are read) and checks that it is one 3D
+    volume.
 
     Args:
         file: path of the file.
@@ -238,9 +241,12 @@ def read_volume(file: str, kind: str = "image") -> tuple[nib.spatialimages.Spati
         data = np.asanyarray(volume.dataobj)
     except Exception as e:  # missing, corrupt or truncated: one more problem to report with the others
         return None, None, f"cannot read {kind} {file}: {type(e).__name__}: {e}"
-    # (X, Y, Z) or (X, Y, Z, C); a single slice (X, Y, 1) is a 2D image too.
+    # (X, Y, Z), perhaps with trailing singleton dimensions; a single slice (X, Y, 1) is a 2D image too.
     if len(volume.shape) < 3 or min(volume.shape[:3]) < 2:
         return None, None, f"{kind} {file} has shape {volume.shape}: a 3D volume is required"
+    volumes = int(np.prod(volume.shape[3:]))
+    if volumes > 1:  # preprocessing (`scripts.data.CheckVolumed`) would refuse it later, after other files' work
+        return None, None, f"{kind} {file} is a 4D image holding {volumes} volumes: a 3D volume is required"
     return volume, data, ""
 
 

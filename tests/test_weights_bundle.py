@@ -66,27 +66,3 @@ def test_inference_reads_the_model_file(trained):
     masks = sorted((trained / "masks").glob("*_seg.nii.gz"))
     assert len(masks) == 5
     assert nib.load(masks[0]).shape == nib.load(images / "case_0.nii.gz").shape
-
-
-def _last_error_line(result) -> str:
-    assert result.returncode != 0
-    return result.stderr.strip().splitlines()[-1]
-
-
-def test_num_classes_that_contradicts_the_model_file_stops_with_both_values(trained):
-    model = trained / "train/model.pt"
-    keys = {"dataset_dir": trained / "data", "model_file": model, "output_dir": trained / "bad", "num_classes": "3"}
-    result = monai_bundle_run("evaluate", "['configs/train.yaml','configs/evaluate.yaml']", {**keys, **SPLIT})
-    last = _last_error_line(result)
-    assert last.startswith(f"error: --num_classes 3 contradicts model_file {model} (num_classes 2 according to its")
-
-
-def test_a_backbone_given_as_model_file_is_refused(trained):
-    keys = {
-        "dataset_dir": trained / "data/imagesTr",
-        "output_dir": trained / "bad",
-        "model_file": trained / "vox2vec.pt",
-    }
-    last = _last_error_line(monai_bundle_run(None, "configs/inference.json", keys))
-    assert last.startswith(f"error: model_file {trained / 'vox2vec.pt'} is a pretrained backbone")
-    assert "--pretrained_ckpt" in last
