@@ -80,7 +80,8 @@ def test_a_non_finite_loss_on_one_rank_stops_both_with_one_message(dhr):
 
 def test_pcrl_ranks_share_queue_teacher_and_weights(tmp_path):
     write_volumes(tmp_path / "data", count=2)
-    result, ranks = pretrain(tmp_path, "configs/pretrain_pcrl.yaml", epochs=1, queue_size=16)
+    # one volume x 2 pairs per rank and step (PCRL's default is 16 x 1): 2 keys per rank, as counted below
+    result, ranks = pretrain(tmp_path, "configs/pretrain_pcrl.yaml", epochs=1, queue_size=16, volumes_per_batch=1)
     assert result.returncode == 0, result.stderr[-4000:]
     assert not set(ranks[0]["batches"]) & set(ranks[1]["batches"])
     assert_same(ranks[0]["parameters"], ranks[1]["parameters"])
