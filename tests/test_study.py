@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from scripts import study
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,7 +42,8 @@ def fake_runs(monkeypatch):
 
 
 def backbone(path: Path, content: bytes = b"weights") -> str:
-    path.write_bytes(content)
+    """A stand-in weight file whose bytes depend on ``content`` (readable, as the study reads what it describes)."""
+    torch.save({"stand_in": torch.tensor(list(content))}, path)
     return str(path)
 
 
