@@ -140,8 +140,7 @@ def prepare_demo(root: str | os.PathLike, num_subjects: int = 12, spacing: float
     datalist.unlink(missing_ok=True)  # a rebuild with other arguments must not leave a stale, valid-looking list
     logger.info(
         f"preparing the demo dataset in {root} (once, offline): {num_subjects} synthetic brain MRI subjects, the MNI "
-        f"ICBM152 template warped at {spacing:g} mm with tissue labels",
-        flush=True,
+        f"ICBM152 template warped at {spacing:g} mm with tissue labels"
     )
     folder = _template_dir()
     t1_file = nib.load(folder / _TEMPLATE.format("t1"))
