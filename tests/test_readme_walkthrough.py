@@ -3,7 +3,9 @@
 The commands are read from README.md's ```bash blocks, so what runs here is what the README says (MONAI's command line
 and argparse both take the last of a repeated flag, so an appended override replaces the README's value). After each
 command the test checks the files it should write, in its own folder, and that it created or changed nothing outside
-the places the README says it writes: no command reuses or overwrites another's results.
+the places the README says it writes: no command reuses or overwrites another's results. Two commands run at a time
+(2 cores), a later one beside an earlier one only where neither reads or writes what the other writes; a changed file
+is then the command's whose folder holds it.
 
 Not run here: `pip install` (the environment is the test's), `python -m pytest` (this suite), `mlflow ui` (a web
 server; the database it shows is checked after the MLflow command), `torchrun` (several processes:
