@@ -23,6 +23,7 @@ from scripts.pcrl import (
     random_transforms,
     transform_code,
 )
+from scripts.training import GradientClipping
 from test_pretrain_bundle import TINY, write_volumes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -257,11 +258,14 @@ def test_trainer_updates_teacher_and_queue_and_checkpoint_round_trip_restores_th
     assert to_load["trainer"].state.iteration == 2
 
 
-def test_config_disables_gradient_clipping_by_index():
+@pytest.mark.parametrize("pcrl", [False, True])
+def test_gradient_clipping_follows_grad_clip(pcrl, tmp_path):
+    """DHR clips at 1.0; PCRL's grad_clip null removes the handler."""
     parser = ConfigParser()
-    parser.read_config(["configs/pretrain.yaml", "configs/pretrain_pcrl.yaml"])
-    assert parser["train#handlers#1#_target_"] == "scripts.training.GradientClipping", "pretrain.yaml was reordered"
-    assert parser.get_parsed_content("grad_clip") is None
+    parser.read_config(["configs/pretrain.yaml", "configs/pretrain_pcrl.yaml"][: 1 + pcrl])
+    parser["output_dir"] = str(tmp_path)  # TensorBoard's handler makes its folder
+    handlers = parser.get_parsed_content("train#handlers", instantiate=True)
+    assert any(isinstance(h, GradientClipping) for h in handlers) != pcrl
 
 
 def run_pcrl(tmp: Path, *extra: str, epochs: int, out: str = "out") -> subprocess.CompletedProcess:
@@ -280,12 +284,13 @@ def run_pcrl(tmp: Path, *extra: str, epochs: int, out: str = "out") -> subproces
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """A 2-epoch run tracked in MLflow, then a resumed run to epoch 3."""
+    """A 3-epoch run tracked in MLflow, then, without its final checkpoint, the same run resumed at iteration 6."""
     tmp = tmp_path_factory.mktemp("pcrl")
     write_volumes(tmp / "data")
-    first = run_pcrl(tmp, "--tracking", "mlflow", epochs=2)
+    first = run_pcrl(tmp, "--tracking", "mlflow", epochs=3)
     assert first.returncode == 0, first.stderr[-4000:]
     checkpoint = torch.load(tmp / "out/checkpoints/checkpoint_iteration=6.pt", weights_only=False)
+    (tmp / "out/checkpoints/checkpoint_iteration=9.pt").unlink()  # as if killed before the last step's checkpoint
     resumed = run_pcrl(tmp, epochs=3)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     return tmp, checkpoint, resumed.stdout + resumed.stderr
@@ -310,7 +315,7 @@ def test_mlflow_records_every_loss_term(runs):
     found = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert len(found) == 1, "only the first run is tracked"
     assert PLAIN_TERMS | MIXUP_TERMS | {"train_loss"} <= found[0].data.metrics.keys()
-    assert len(client.get_metric_history(found[0].info.run_id, "mse_hybrid_mixup")) == 2, "one value per epoch"
+    assert len(client.get_metric_history(found[0].info.run_id, "mse_hybrid_mixup")) == 3, "one value per epoch"
 
 
 def test_resumes_at_the_saved_iteration_and_exports_the_student(runs):
@@ -327,6 +332,13 @@ def test_resumes_at_the_saved_iteration_and_exports_the_student(runs):
     assert all(torch.equal(exported[k], student[k]) for k in student)
     teacher = checkpoint["network"]["teacher.first_conv.weight"]
     assert not torch.equal(exported["first_conv.weight"], teacher), "the student is exported, not the teacher"
+
+
+def test_a_longer_run_is_refused_naming_epochs(runs):
+    tmp, _, _ = runs
+    result = run_pcrl(tmp, epochs=4)
+    assert result.returncode != 0
+    assert re.search(r"epochs is 3 there and 4 now", result.stderr.strip().splitlines()[-1]), result.stderr[-2000:]
 
 
 def test_mixup_off_removes_the_mixup_terms(runs):
