@@ -96,7 +96,7 @@ def check_keys(keys: Mapping[str, Any]) -> None:
         raise BundleError(f"modality={keys['modality']!r} is not a preset: use --modality one of {presets}.")
     if "augmentations" in keys:
         try:
-            training.build_augmentation(keys["augmentations"], keys.get("modality"))
+            training.build_augmentation(keys["augmentations"], keys.get("modality"), announce=False)
         except ValueError as err:
             raise BundleError(str(err)) from err
     if "output_dir" in keys:

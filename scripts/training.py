@@ -46,19 +46,22 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-def build_augmentation(name: str, modality: str) -> LocalAugmentations | Vox2VecAugmentations | None:
+def build_augmentation(
+    name: str, modality: str, announce: bool = True
+) -> LocalAugmentations | Vox2VecAugmentations | None:
     """The pretraining augmentation named by the config key `augmentations`.
 
     Args:
         name: "local" (DHR's local augmentations), "vox2vec" (blur or sharpen, noise, HU window) or "none".
         modality: the data's preset, which vox2vec's augmentations need ("ct_wide" or "mri").
+        announce: log which augmentations the run uses (not when the keys are only checked).
     """
     descriptions = {
         "local": "local (DHR): pixel shuffling, intensity remap, in-painting",
         "vox2vec": "vox2vec's: blur or sharpen, noise, intensity window",
         "none": "none",
     }
-    if name in descriptions:  # an ablation must be visible in the run's output
+    if announce and name in descriptions:  # an ablation must be visible in the run's output
         logger.info(f"augmentations: {descriptions[name]}")
     if name == "local":
         return LocalAugmentations()

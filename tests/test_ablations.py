@@ -106,6 +106,7 @@ def test_each_switch_works_from_the_command_line(tmp_path, switch, printed, proj
     result = pretrain_once(tmp_path, *switch)
     assert result.returncode == 0, result.stderr[-3000:]
     assert printed in result.stdout
+    assert result.stdout.count("INFO - augmentations: ") == 1, "announced once, not also by the key check"
     network = torch.load(tmp_path / "out/checkpoints/checkpoint_iteration=1.pt", weights_only=False)["network"]
     assert any(k.startswith("projection.projections.") for k in network) == projections
     assert network["head.layers.0.weight"].shape[1] == head_input
