@@ -28,22 +28,24 @@ __all__ = [
 
 
 class ResBlock3d(nn.Module):
-    """Pre-activation residual block: ``x + conv(relu(bn(conv(relu(bn(x))))))`` with 3x3x3 convolutions.
+    """Pre-activation residual block: ``x + conv(relu(bn(conv(relu(bn(x))))))``, cubic convolutions of odd size.
 
     Args:
         channels: number of input and output channels.
+        kernel_size: edge of the convolutions, in voxels: 3 in the backbone, 1 in vox2vec's non-linear probe.
     """
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, kernel_size: int = 3) -> None:
         super().__init__()
+        padding = kernel_size // 2
         # Inplace ReLUs are safe: each follows a BatchNorm whose output is a fresh tensor.
         self.layers = nn.Sequential(
             nn.BatchNorm3d(channels),
             nn.ReLU(inplace=True),
-            nn.Conv3d(channels, channels, kernel_size=3, padding=1),
+            nn.Conv3d(channels, channels, kernel_size, padding=padding),
             nn.BatchNorm3d(channels),
             nn.ReLU(inplace=True),
-            nn.Conv3d(channels, channels, kernel_size=3, padding=1),
+            nn.Conv3d(channels, channels, kernel_size, padding=padding),
         )
 
     def forward(self, x: Tensor) -> Tensor:

@@ -14,7 +14,7 @@ from ignite.engine import Engine, Events
 from scripts.distributed import unwrap
 from scripts.errors import BundleError
 from scripts.import_weights import load_backbone
-from scripts.networks import FPN3d
+from scripts.networks import FPN3d, ResBlock3d
 from torch import Tensor
 
 logger = logging.getLogger(__name__)
@@ -72,29 +72,6 @@ class LinearFPNHead(nn.Module):
         return x
 
 
-class _PointwiseResBlock(nn.Module):
-    """vox2vec's ``ResBlock3d(c, c, kernel_size=1)``: ``x + conv(relu(bn(conv(relu(bn(x))))))`` with 1x1x1 convs.
-
-    Args:
-        channels: number of input and output channels.
-    """
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.layers = nn.Sequential(
-            nn.BatchNorm3d(channels),
-            nn.ReLU(),
-            nn.Conv3d(channels, channels, kernel_size=1),
-            nn.BatchNorm3d(channels),
-            nn.ReLU(),
-            nn.Conv3d(channels, channels, kernel_size=1),
-        )
-
-    def forward(self, x: Tensor) -> Tensor:
-        """(B, C, X, Y, Z) -> (B, C, X, Y, Z)."""
-        return self.layers(x) + x
-
-
 class FPNNonLinearHead(nn.Module):
     """vox2vec's non-linear probe (``vox2vec.nn.fpn.FPNNonLinearHead``): a U-Net decoder of 1x1x1 convolutions that
     keeps each pyramid level's own width.
@@ -117,7 +94,7 @@ class FPNNonLinearHead(nn.Module):
         widths = list(in_channels)
         # Stored coarse to fine, the order they run in, as in vox2vec.
         fine_levels = range(len(widths) - 2, -1, -1)
-        self.bottom_block = _PointwiseResBlock(widths[-1])
+        self.bottom_block = ResBlock3d(widths[-1], kernel_size=1)
         self.up_blocks = nn.ModuleList(
             [
                 nn.Sequential(nn.Conv3d(widths[i + 1], widths[i], kernel_size=1), nn.Upsample(scale_factor=2.0))
@@ -125,7 +102,7 @@ class FPNNonLinearHead(nn.Module):
             ]
         )
         self.skip_blocks = nn.ModuleList([nn.Conv3d(widths[i], widths[i], kernel_size=1) for i in fine_levels])
-        self.right_blocks = nn.ModuleList([_PointwiseResBlock(widths[i]) for i in fine_levels])
+        self.right_blocks = nn.ModuleList([ResBlock3d(widths[i], kernel_size=1) for i in fine_levels])
         self.final_block = nn.Conv3d(widths[0], num_classes, kernel_size=1)
 
     def forward(self, pyramid: list[Tensor]) -> Tensor:
