@@ -23,7 +23,6 @@ the weights, so the Zoo's checks and ``monai.bundle.load`` work with no override
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import re
@@ -162,14 +161,6 @@ def write_zip(folder: Path, zip_path: Path) -> None:
     partial.replace(zip_path)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _copy_bundle(dst: Path) -> None:
     """Copies what a Zoo bundle ships (configs, docs, scripts, LICENSE) from the repository to ``dst``."""
     for item in SHIPPED:
@@ -245,7 +236,7 @@ def release(
             {
                 "path": f"models/{stem}.pt",
                 "url": f"{base_url.rstrip('/')}/{upload.name}",
-                "hash_val": _sha256(upload),
+                "hash_val": weights.file_digest(upload),
                 "hash_type": "sha256",
             }
         )

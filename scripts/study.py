@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 from scripts import log
 from scripts.cli import none_overrides
-from scripts.weights import read_info
+from scripts.weights import file_digest, read_info
 
 logger = logging.getLogger(__name__)
 
@@ -60,15 +60,6 @@ CONFIGS = {"finetune": [TRAIN], "linear": [TRAIN, "configs/linear_eval.yaml"]}
 # Keys the study sets for each run itself: given after '--', they would break the grid.
 OWN_KEYS = {"output_dir", "model_file", "num_train_cases", "fold", "pretrained_ckpt", "tracking", "run_name"}
 OWN_KEYS |= {"tracking_uri", "experiment_name", "warmup_epochs"}
-
-
-def file_digest(path: str | os.PathLike) -> str:
-    """SHA-256 of a file's bytes, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def args_digest(identity: dict) -> str:

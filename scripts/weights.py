@@ -13,6 +13,7 @@ from the weights they build on through :func:`resolve`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -93,6 +94,15 @@ def _infer_head(state_dict: Mapping[str, Tensor]) -> dict:
         if key in state_dict:
             return {"kind": "segmentation", "num_classes": int(state_dict[key].shape[0]), "head": name}
     return {}
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes (hex), read in 1 MiB blocks: a weight file's content, for identities and releases."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_info(path: str | os.PathLike) -> dict:
