@@ -76,6 +76,7 @@ def pretrain(method: str, root: Path, extra: Sequence[str] = (), tracking: study
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    study.end_runs_with_this_process()
     parser = argparse.ArgumentParser(
         prog="python -m scripts.compare",
         description=__doc__.split("\n\n")[0],

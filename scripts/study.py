@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import shlex
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -163,6 +164,12 @@ class Tracking:
             "--run_name",
             run_name,
         ]
+
+
+def end_runs_with_this_process() -> None:
+    """Makes SIGTERM (``kill``, a scheduler's stop) end this process as Ctrl+C does: ``subprocess.run`` then kills the
+    bundle run it waits for, instead of leaving it to train on, unseen, holding its folder's lock."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 def bundle_run(run_id: str, configs: list[str], keys: dict[str, str], extra: Sequence[str], log) -> None:
@@ -348,6 +355,7 @@ def study(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    end_runs_with_this_process()
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
     parser = argparse.ArgumentParser(

@@ -3,8 +3,10 @@
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -201,3 +203,26 @@ def test_from_scratch_is_the_first_backbones_network_untrained(tmp_path):
     assert pretrained.args == ("--modality", "mri")
     scratch, _ = study.cells([str(tmp_path / "dhr.pt")], ["linear"], [1], [0])
     assert scratch.args == (*size, "--modality", "ct", *patch)
+
+
+def test_a_terminated_study_ends_the_run_it_started(tmp_path):
+    from test_train_bundle import TINY, write_cases
+
+    write_cases(tmp_path / "data")
+    overrides = {**TINY, "epochs": "1000", "dataset_dir": str(tmp_path / "data")}  # runs until it is ended
+    extra = [item for key, value in overrides.items() for item in (f"--{key}", value)]
+    argv = ["--budgets", "1", "--folds", "0", "--modes", "finetune", "--output_dir", str(tmp_path / "study")]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    parent = subprocess.Popen([sys.executable, "-m", "scripts.study", *argv, "--", *extra], cwd=ROOT, env=env)
+    children = Path(f"/proc/{parent.pid}/task/{parent.pid}/children")
+    deadline = time.monotonic() + 60
+    while not children.read_text().split() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    (child,) = map(int, children.read_text().split())
+    parent.send_signal(signal.SIGTERM)
+    parent.wait(timeout=30)
+    survived = Path(f"/proc/{child}").exists()
+    if survived:
+        os.kill(child, signal.SIGKILL)
+    assert not survived, "the cell's bundle run outlived the study"
+    assert parent.returncode == 128 + signal.SIGTERM, "ended as by the signal"
