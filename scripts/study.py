@@ -269,23 +269,27 @@ def label_efficiency_figure(rows: Sequence[dict], metric: str = "mean_dice"):
     """The figure of :func:`plot` (a matplotlib ``Figure``)."""
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(8, 4))
+    inits = list(dict.fromkeys(r["init"] for r in rows))
     for init, mode in dict.fromkeys((r["init"], r["mode"]) for r in rows):
         budgets = sorted({r["budget"] for r in rows if (r["init"], r["mode"]) == (init, mode)})
         values = [[r[metric] for r in rows if (r["init"], r["mode"], r["budget"]) == (init, mode, b)] for b in budgets]
         mean = np.array([np.mean(v) for v in values])
         low, high = np.array([np.min(v) for v in values]), np.array([np.max(v) for v in values])
-        (line,) = ax.plot(
-            budgets, mean, marker="o", linestyle="--" if mode == "linear" else "-", label=f"{init}, {mode}"
-        )
-        ax.fill_between(budgets, low, high, color=line.get_color(), alpha=0.15)
+        colour = f"C{inits.index(init) % 10}"  # one colour per initialisation, one line style per protocol
+        style = "--" if mode == "linear" else "-"
+        ax.plot(budgets, mean, marker="o", color=colour, linestyle=style, label=f"{init}, {mode}")
+        ax.fill_between(budgets, low, high, color=colour, alpha=0.15)
     ax.set_xscale("log", base=2)
+    budgets = sorted({r["budget"] for r in rows})
+    ax.set_xticks(budgets, [str(b) for b in budgets])  # the budgets themselves, not powers of 2
+    ax.xaxis.set_minor_locator(plt.NullLocator())
     ax.ticklabel_format(axis="y", useOffset=False)  # Dice values as they are, never "+7.1e-1" above the axis
     ax.set_xlabel("labelled training scans")
     ax.set_ylabel(f"test {metric.replace('_', ' ')}")
     ax.set_title("Label efficiency (mean, min-max over folds)")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes: it hides no line
     fig.tight_layout()
     return fig
 

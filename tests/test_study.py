@@ -108,6 +108,9 @@ def test_plot_draws_mean_and_spread_without_offset_notation(tmp_path):
     figure = study.label_efficiency_figure(close)
     figure.canvas.draw()
     assert figure.axes[0].yaxis.get_offset_text().get_text() == ""
+    assert [t.get_text() for t in figure.axes[0].get_xticklabels()] == ["1", "2"]
+    colours = {line.get_label(): line.get_color() for line in figure.axes[0].get_lines()}
+    assert colours["scratch, linear"] == colours["scratch, finetune"], "one colour per initialisation"
 
 
 def test_missing_pretrained_file_stops_the_study(tmp_path, capsys):
