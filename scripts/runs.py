@@ -103,8 +103,7 @@ def check_keys(keys: Mapping[str, Any]) -> None:
         folder = Path(keys["output_dir"])
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryFile(dir=folder):
-                pass
+            tempfile.TemporaryFile(dir=folder).close()  # a file written and removed: the folder is writable
         except OSError as err:
             raise BundleError(
                 f"output_dir={str(folder)!r} cannot be written ({err.strerror}): give a folder you can write to with "

@@ -281,8 +281,8 @@ def label_efficiency_figure(rows: Sequence[dict], metric: str = "mean_dice"):
         ax.plot(budgets, mean, marker="o", color=colour, linestyle=style, label=f"{init}, {mode}")
         ax.fill_between(budgets, low, high, color=colour, alpha=0.15)
     ax.set_xscale("log", base=2)
-    budgets = sorted({r["budget"] for r in rows})
-    ax.set_xticks(budgets, [str(b) for b in budgets])  # the budgets themselves, not powers of 2
+    all_budgets = sorted({r["budget"] for r in rows})
+    ax.set_xticks(all_budgets, [str(b) for b in all_budgets])  # the budgets themselves, not powers of 2
     ax.xaxis.set_minor_locator(plt.NullLocator())
     ax.ticklabel_format(axis="y", useOffset=False)  # Dice values as they are, never "+7.1e-1" above the axis
     ax.set_xlabel("labelled training scans")
