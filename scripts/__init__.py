@@ -32,6 +32,6 @@ def lazy_submodules(package: str) -> Callable[[str], ModuleType]:
 
 __getattr__ = lazy_submodules(__name__)
 
-from . import errors  # noqa: E402  (after lazy_submodules, which the subpackages import)
+from .utils import errors  # noqa: E402  (after lazy_submodules, which the subpackages import)
 
 errors.install()

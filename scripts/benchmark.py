@@ -39,7 +39,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scripts import log
 from scripts.cache import write_entry
 from scripts.local_augmentations import LocalAugmentations
 from scripts.losses import HybridLoss
@@ -47,6 +46,7 @@ from scripts.networks import dhr_network
 from scripts.sampler import VoxelPairDataset, VoxelPairSamplerd
 from scripts.segmentation import segmentation_network
 from scripts.training import SSLBatch
+from scripts.utils import log
 
 logger = logging.getLogger(__name__)
 

@@ -43,8 +43,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from scripts.data import PRESETS, VolumeWarning, preprocessing
-from scripts.distributed import is_main
-from scripts.errors import BundleError
+from scripts.utils.distributed import is_main
+from scripts.utils.errors import BundleError
 
 __all__ = ["CACHE_VERSION", "cache_folder", "entry_name", "open_volume", "prepare_volumes", "write_entry"]
 

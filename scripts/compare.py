@@ -29,8 +29,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from scripts import log, study
-from scripts.cli import none_overrides
+from scripts import study
+from scripts.utils import log
+from scripts.utils.cli import none_overrides
 
 logger = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ from monai.transforms import (
 )
 from monai.utils import convert_to_dst_type, convert_to_numpy, ensure_tuple
 from scipy import ndimage
-from scripts.errors import BundleError, InputNotFoundError, InvalidInputError
+from scripts.utils.errors import BundleError, InputNotFoundError, InvalidInputError
 
 __all__ = [
     "PRESETS",

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.transforms.utils import create_rotate, create_scale, create_translate
-from scripts import log
+from scripts.utils import log
 
 logger = logging.getLogger(__name__)
 

@@ -22,10 +22,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
-from scripts import log
-from scripts.errors import BundleError
 from scripts.networks import FPN3d
 from scripts.training import latest_checkpoint
+from scripts.utils import log
+from scripts.utils.errors import BundleError
 from scripts.weights import infer_info, matches, save_weights
 from torch import Tensor
 

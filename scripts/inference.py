@@ -11,8 +11,8 @@ from pathlib import Path
 
 from monai.utils import ensure_tuple
 from scripts.data import load_datalist
-from scripts.errors import BundleError
 from scripts.splits import read_volume
+from scripts.utils.errors import BundleError
 
 logger = logging.getLogger(__name__)
 

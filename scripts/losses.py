@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from ignite.metrics import Average, Metric
 from monai.losses import DiceLoss
-from scripts.distributed import all_gather, all_gather_with_grad, rank, world_size
+from scripts.utils.distributed import all_gather, all_gather_with_grad, rank, world_size
 from torch import nn
 
 __all__ = ["info_nce", "HybridLoss", "loss_term_metrics", "loss_and_terms", "DiceBCELoss"]

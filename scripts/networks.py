@@ -10,7 +10,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from scripts.errors import BundleError
+from scripts.utils.errors import BundleError
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
@@ -346,7 +346,7 @@ def dhr_network(
         base_channels: channels of the finest pyramid level.
         num_scales: number of pyramid levels.
         projection_width: channels per level after projection, or ``"raw"`` (or None) for raw concatenation. The
-            config key takes ``raw`` because MONAI's command line drops a ``None`` value (`scripts.cli`).
+            config key takes ``raw`` because MONAI's command line drops a ``None`` value (`scripts.utils.cli`).
         head_hidden: hidden width of the projection head; None means the projection's output width.
         embedding_dim: embedding length.
         restoration: add the restoration head.

@@ -33,10 +33,11 @@ from pathlib import Path
 
 import torch
 import yaml
-from scripts import log, weights
-from scripts.errors import BundleError
+from scripts import weights
 from scripts.networks import FPN3d
 from scripts.segmentation import segmentation_network
+from scripts.utils import log
+from scripts.utils.errors import BundleError
 
 __all__ = ["DEFAULT_NAME", "describe_weights", "set_yaml_keys", "network_formats", "write_zip", "release", "main"]
 

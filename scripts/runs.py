@@ -35,8 +35,8 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
-from scripts.distributed import is_main, unwrap
-from scripts.errors import BundleError
+from scripts.utils.distributed import is_main, unwrap
+from scripts.utils.errors import BundleError
 
 logger = logging.getLogger(__name__)
 

@@ -15,10 +15,10 @@ import torch
 from ignite.engine import Engine, Events
 from monai.config import KeysCollection
 from monai.transforms import MapTransform, Randomizable
-from scripts import distributed
 from scripts.cache import open_volume
-from scripts.errors import BundleError
-from scripts.randomness import numpy_rng
+from scripts.utils import distributed
+from scripts.utils.errors import BundleError
+from scripts.utils.randomness import numpy_rng
 
 __all__ = ["VoxelPairSamplerd", "VoxelPairDataset", "SampleIndexSampler"]
 
@@ -145,7 +145,8 @@ class VoxelPairDataset(torch.utils.data.Dataset):
     Pretraining samples by global sample index: item ``s`` is one volume's voxel pairs, drawn by ``sampler``.
 
     Everything random about item ``s`` (which volume, anchors, boxes, matched voxels) comes from
-    ``numpy_rng(seed, rank, s)`` (`scripts.randomness`), so an item is the same whichever worker loads it and whenever,
+    ``numpy_rng(seed, rank, s)`` (`scripts.utils.randomness`), so an item is the same whichever worker loads it and
+    whenever,
     in a resumed run too. Each rank draws among its own share of the volumes (rank r: volumes r, r + world_size, ...)
     when there are at least as many volumes as ranks, otherwise among all. Any ``s >= 0`` is an index: the dataset has
     no length; `SampleIndexSampler` says which indices a run uses.
@@ -156,8 +157,8 @@ class VoxelPairDataset(torch.utils.data.Dataset):
         seed: the run's seed.
         cache: "disk" (memory-mapped: a batch reads only its boxes; the OS keeps what is read often in its page cache)
             or "memory" (every volume read into memory here, once; shared with forked workers).
-        rank: this process's rank; None: `scripts.distributed.rank()`.
-        world_size: number of ranks; None: `scripts.distributed.world_size()`.
+        rank: this process's rank; None: `scripts.utils.distributed.rank()`.
+        world_size: number of ranks; None: `scripts.utils.distributed.world_size()`.
 
     Returns (item ``s``): the sampler's output (``view1``, ``view2`` (N, 1, *P) float32, ``voxels1``, ``voxels2``
     (N, K, 3) int64, ``valid`` (N, K) bool), plus ``sample_index`` (s, int64) and ``volume_index`` (position of the

@@ -16,7 +16,7 @@ import nibabel as nib
 import numpy as np
 from monai.utils import ensure_tuple
 from scripts.data import _NIFTI_SUFFIXES, load_datalist
-from scripts.errors import BundleError, InputNotFoundError, InvalidInputError
+from scripts.utils.errors import BundleError, InputNotFoundError, InvalidInputError
 
 __all__ = ["check_labels", "labelled_datalist", "split_cases"]
 

@@ -17,11 +17,11 @@ from ignite.engine import Engine, Events
 from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
 from monai.handlers import MeanDice, MLFlowHandler, from_engine
-from scripts import distributed
-from scripts.distributed import all_gather, any_rank, is_main, rank, stop_other_ranks
-from scripts.errors import BundleError
 from scripts.local_augmentations import LocalAugmentations
-from scripts.randomness import torch_generator
+from scripts.utils import distributed
+from scripts.utils.distributed import all_gather, any_rank, is_main, rank, stop_other_ranks
+from scripts.utils.errors import BundleError
+from scripts.utils.randomness import torch_generator
 from scripts.vox2vec_augmentations import Vox2VecAugmentations
 from scripts.weights import save_weights
 from torch import nn
@@ -119,7 +119,8 @@ class SSLBatch:
     are stacked into one network input (2P, 1, X, Y, Z), view 1 first, so that one backbone pass serves both. Each view
     is augmented independently, batched, on the training device; the clean views are kept as restoration targets.
 
-    The augmentation draws from ``torch_generator(seed, rank, s)`` on the device (`scripts.randomness`), s = the batch's
+    The augmentation draws from ``torch_generator(seed, rank, s)`` on the device (`scripts.utils.randomness`), s = the
+    batch's
     first ``sample_index``, so a step's augmentations depend on its samples alone (resumed runs reproduce them). A batch
     without ``sample_index`` uses torch's default generator.
 

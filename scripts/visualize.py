@@ -30,11 +30,11 @@ import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scripts import log
 from scripts.data import PRESETS, preprocessing
-from scripts.errors import BundleError
 from scripts.import_weights import load_backbone
 from scripts.networks import FPN3d
+from scripts.utils import log
+from scripts.utils.errors import BundleError
 from scripts.weights import read_info
 from torch import Tensor
 

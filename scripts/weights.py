@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 from ignite.engine import Engine, Events
-from scripts.distributed import is_main
-from scripts.errors import BundleError
+from scripts.utils.distributed import is_main
+from scripts.utils.errors import BundleError
 from torch import Tensor
 
 __all__ = [

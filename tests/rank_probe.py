@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 from ignite.engine import Engine, Events
-from scripts.distributed import rank, unwrap
+from scripts.utils.distributed import rank, unwrap
 from torch import nn
 
 

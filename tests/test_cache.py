@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scripts.cache import cache_folder, open_volume, prepare_volumes
 from scripts.data import VolumeWarning, preprocessing
-from scripts.errors import BundleError
+from scripts.utils.errors import BundleError
 from test_data import _phantom, _save
 
 PATCH = (8, 8, 4)

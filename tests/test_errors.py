@@ -23,7 +23,7 @@ def run_config(tmp_path, expression: str, **env) -> subprocess.CompletedProcess:
 
 def test_bundle_error_is_the_last_line(tmp_path):
     # a generator's throw() raises from inside an expression, as a config expression can
-    result = run_config(tmp_path, "$(_ for _ in ()).throw(scripts.errors.BundleError('key x: fix it'))")
+    result = run_config(tmp_path, "$(_ for _ in ()).throw(scripts.utils.errors.BundleError('key x: fix it'))")
     assert result.returncode != 0
     assert "Failed to evaluate" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == "error: key x: fix it"

@@ -1,8 +1,9 @@
 """Issue 10's battery of faults and bad inputs: each case, its input, and the message a user reads last.
 
 Every row of `CASES` writes its input under a fresh folder, runs a workflow on it and expects the run to stop with a
-`scripts.errors.BundleError` whose message holds `expected`. That message is what a user reads as the last line of
-stderr, ``error: <message>`` (the excepthook of `scripts.errors`, tested in tests/test_errors.py): rows marked `CLI`
+`scripts.utils.errors.BundleError` whose message holds `expected`. That message is what a user reads as the last line of
+stderr, ``error: <message>`` (the excepthook of `scripts.utils.errors`, tested in tests/test_errors.py): rows marked
+`CLI`
 check exactly that through ``python -m monai.bundle run``; the others run the same workflow in this process
 (``monai.bundle.create_workflow``: initialize, run, finalize, as the command line does), which is ~50x cheaper.
 `COVERED_ELSEWHERE` lists the cases of the battery whose test needs more than a message (a killed process, a resumed
@@ -26,10 +27,10 @@ import pytest
 import torch
 from bundle import ROOT, monai_bundle_run
 from monai.bundle import create_workflow
-from scripts.errors import find_bundle_error
 from scripts.networks import FPN3d
 from scripts.segmentation import segmentation_network
 from scripts.splits import labelled_datalist, split_cases
+from scripts.utils.errors import find_bundle_error
 from test_pretrain_bundle import write_volumes
 from test_train_bundle import write_cases
 

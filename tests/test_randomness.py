@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 import torch
-from scripts.randomness import numpy_rng, torch_generator
+from scripts.utils.randomness import numpy_rng, torch_generator
 
 
 def test_streams_are_pure_functions_of_seed_and_counters():

@@ -133,7 +133,7 @@ def test_ranks_draw_their_own_volumes_and_streams(tmp_path):
 
 
 def test_unknown_cache_mode_names_the_key(tmp_path):
-    from scripts.errors import BundleError
+    from scripts.utils.errors import BundleError
 
     with pytest.raises(BundleError, match="`cache` must be 'disk' or 'memory'"):
         dataset(cached_volumes(tmp_path, count=1), cache="ram")

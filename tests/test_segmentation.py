@@ -6,9 +6,9 @@ import pytest
 import torch
 from ignite.engine import Events
 from monai.engines import SupervisedTrainer
-from scripts.errors import BundleError
 from scripts.networks import FPN3d
 from scripts.segmentation import BackboneWarmup, FPNNonLinearHead, LinearFPNHead, SegmentationNet, segmentation_network
+from scripts.utils.errors import BundleError
 
 
 def _script(module):

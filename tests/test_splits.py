@@ -5,8 +5,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from scripts.errors import BundleError
 from scripts.splits import check_labels, labelled_datalist, split_cases
+from scripts.utils.errors import BundleError
 
 AFFINE = np.diag([2.0, 2.0, 3.0, 1.0])
 SHAPE = (4, 5, 3)

@@ -1,11 +1,11 @@
-"""scripts.tracking: what --tracking mlflow records, with MONAI's MLFlowHandler on a real SQLite store."""
+"""scripts.utils.tracking: what --tracking mlflow records, with MONAI's MLFlowHandler on a real SQLite store."""
 
 import json
 
 from ignite.engine import Engine
 from mlflow import MlflowClient
 from monai.handlers import MLFlowHandler
-from scripts import tracking
+from scripts.utils import tracking
 
 
 def test_the_config_monai_names_as_text_is_found_in_output_dir(tmp_path):

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 from scripts import visualize
-from scripts.errors import BundleError
 from scripts.networks import FPN3d
+from scripts.utils.errors import BundleError
 
 
 @pytest.fixture

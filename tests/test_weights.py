@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 from monai.bundle import ConfigParser
-from scripts.errors import BundleError, find_bundle_error
 from scripts.networks import FPN3d
 from scripts.segmentation import segmentation_network
+from scripts.utils.errors import BundleError, find_bundle_error
 from scripts.weights import read_info, resolve, save_weights, sidecar
 
 ROOT = Path(__file__).resolve().parents[1]

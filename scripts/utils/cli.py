@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from scripts.errors import BundleError
+from scripts.utils.errors import BundleError
 
 __all__ = ["none_overrides", "refuse_none_overrides"]
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 __all__ = ["LOGGING_CONF", "configure", "info"]
 
-LOGGING_CONF = Path(__file__).resolve().parents[1] / "configs" / "logging.conf"
+LOGGING_CONF = Path(__file__).resolve().parents[2] / "configs" / "logging.conf"
 
 
 def configure(path: str | os.PathLike = LOGGING_CONF) -> None:
