@@ -10,7 +10,7 @@ networks run on PyTorch's "meta" device (shapes only), and the tensors their for
 pass are summed (`saved_activation_bytes`).
 
 CPU figures, one thread, as one DataLoader worker does it: one batch = ``pairs`` voxel pairs of one volume read from the
-on-disk cache (`scripts.cache`, memory-mapped) by `VoxelPairDataset`:
+on-disk cache (`scripts.data.cache`, memory-mapped) by `VoxelPairDataset`:
 
 - loading and sampling, with the volume's pages in the OS page cache (warm) and evicted before each batch (cold);
 - bytes read per batch: the cache files' pages that are in the page cache after a cold batch (``mincore``; Linux), i.e.
@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scripts.cache import write_entry
+from scripts.data.cache import write_entry
 from scripts.local_augmentations import LocalAugmentations
 from scripts.losses import HybridLoss
 from scripts.networks import dhr_network

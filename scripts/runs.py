@@ -73,13 +73,15 @@ def check_keys(keys: Mapping[str, Any]) -> None:
     """Checks the keys present in ``keys`` before any work, naming key, value and remedy (every workflow).
 
     Checked: ``patch_size`` (3 positive integers), the counts in ``_POSITIVE`` (integers >= 1), ``modality`` (a preset
-    of ``scripts.data.PRESETS``), ``augmentations`` (what ``build_augmentation`` accepts with this modality) and
+    of ``scripts.data.preprocessing.PRESETS``), ``augmentations`` (what ``build_augmentation`` accepts with this
+    modality) and
     ``output_dir`` (a folder that can be created and written).
 
     Raises:
         BundleError: at the first bad key.
     """
-    from scripts import data, training  # here, not at import: both import MONAI's transforms
+    from scripts import training  # here, not at import: both import MONAI's transforms
+    from scripts.data import preprocessing
 
     if "patch_size" in keys:
         size = keys["patch_size"]
@@ -91,8 +93,8 @@ def check_keys(keys: Mapping[str, Any]) -> None:
     for key in _POSITIVE:
         if key in keys and not (_is_int(keys[key]) and keys[key] >= 1):
             raise BundleError(f"{key}={keys[key]!r} must be an integer >= 1: set --{key} to 1 or more.")
-    if "modality" in keys and keys["modality"] not in data.PRESETS:
-        presets = sorted(data.PRESETS)
+    if "modality" in keys and keys["modality"] not in preprocessing.PRESETS:
+        presets = sorted(preprocessing.PRESETS)
         raise BundleError(f"modality={keys['modality']!r} is not a preset: use --modality one of {presets}.")
     if "augmentations" in keys:
         try:

@@ -15,7 +15,7 @@ import torch
 from ignite.engine import Engine, Events
 from monai.config import KeysCollection
 from monai.transforms import MapTransform, Randomizable
-from scripts.cache import open_volume
+from scripts.data.cache import open_volume
 from scripts.utils import distributed
 from scripts.utils.errors import BundleError
 from scripts.utils.randomness import numpy_rng
@@ -33,7 +33,8 @@ class VoxelPairSamplerd(Randomizable, MapTransform):
     drawn without replacement. Outputs have fixed shapes so that volumes collate into batches; a pair with fewer matched
     voxels marks the unused slots invalid.
 
-    Input (after :func:`scripts.data.preprocessing`, or :func:`scripts.cache.open_volume`): ``image`` (1, X, Y, Z) float
+    Input (after :func:`scripts.data.preprocessing.preprocessing`, or :func:`scripts.data.cache.open_volume`):
+    ``image`` (1, X, Y, Z) float
     and ``body`` (1, X, Y, Z) mask (nonzero = body), each spatial size at least ``patch_size``; tensors or numpy arrays,
     memory-mapped ones included: only the boxes cut and the anchor candidates are read. Output (N = num_pairs,
     K = voxels_per_pair, P = patch_size):
@@ -81,7 +82,7 @@ class VoxelPairSamplerd(Randomizable, MapTransform):
         if np.any(shape < self.patch_size):
             raise ValueError(
                 f"Volume of shape {tuple(shape)} is smaller than patch_size {tuple(self.patch_size)}; "
-                "pad it first (scripts.data.preprocessing does)."
+                "pad it first (scripts.data.preprocessing.preprocessing does)."
             )
         rng = self.randomize() if rng is None else rng
         n, k, p = self.num_pairs, self.voxels_per_pair, self.patch_size
@@ -152,7 +153,7 @@ class VoxelPairDataset(torch.utils.data.Dataset):
     no length; `SampleIndexSampler` says which indices a run uses.
 
     Args:
-        volumes: cache entries (:func:`scripts.cache.prepare_volumes`).
+        volumes: cache entries (:func:`scripts.data.cache.prepare_volumes`).
         sampler: the voxel-pair transform applied to the chosen volume.
         seed: the run's seed.
         cache: "disk" (memory-mapped: a batch reads only its boxes; the OS keeps what is read often in its page cache)

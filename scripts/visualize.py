@@ -13,7 +13,8 @@ vectors). A network that learned nothing shows noise or plain intensity; a usefu
 regions at the coarse ones, and lights up tissue like the query's.
 
 The architecture comes from the file (``scripts.weights.read_info``: its sidecar, or its tensor shapes), the
-preprocessing is the bundle's (``scripts.data.preprocessing``) with the file's modality preset when it records one,
+preprocessing is the bundle's (``scripts.data.preprocessing.preprocessing``) with the file's modality preset when it
+records one,
 else ``--modality``. To stay fast on a CPU the network sees one crop of the preprocessed volume, ``--crop`` voxels
 centred on the query voxel (the whole volume when smaller; padded to the crop size when the volume is), so the demo
 backbone takes seconds.
@@ -30,7 +31,7 @@ import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scripts.data import PRESETS, preprocessing
+from scripts.data.preprocessing import PRESETS, preprocessing
 from scripts.import_weights import load_backbone
 from scripts.networks import FPN3d
 from scripts.utils import log

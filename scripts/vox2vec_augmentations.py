@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-from scripts.data import PRESETS
+from scripts.data.preprocessing import PRESETS
 from scripts.local_augmentations import _check_patches
 
 __all__ = ["Vox2VecAugmentations"]
@@ -56,7 +56,8 @@ class Vox2VecAugmentations:
     (filter in HU, then window and scale). The one difference: the "ct_wide" cache was clipped to [-1350, 1000] HU,
     so a blur or sharpen near denser bone or metal sees 1000 HU where the authors' saw the true value.
 
-    Data must be preprocessed with the "ct_wide" preset (`scripts.data.PRESETS`) for CT, or "mri". DHR's "ct" preset
+    Data must be preprocessed with the "ct_wide" preset (`scripts.data.preprocessing.PRESETS`) for CT, or "mri". DHR's
+    "ct" preset
     is refused: a cache clipped to [-175, 250] HU cannot be re-windowed to vox2vec's windows.
 
     All randomness comes from the `generator` passed to the call (default: torch's default generator of the images'

@@ -7,8 +7,8 @@ import warnings
 
 import numpy as np
 import pytest
-from scripts.cache import cache_folder, open_volume, prepare_volumes
-from scripts.data import VolumeWarning, preprocessing
+from scripts.data.cache import cache_folder, open_volume, prepare_volumes
+from scripts.data.preprocessing import VolumeWarning, preprocessing
 from scripts.utils.errors import BundleError
 from test_data import _phantom, _save
 
@@ -93,7 +93,7 @@ def test_suspicious_resampling_is_warned_about_by_name(tmp_path):
     thick = _save(_phantom((60, 50, 3))[0], tmp_path / "thick.nii.gz", affine=np.diag([0.8, 0.8, 20.0, 1.0]))
     with pytest.warns(VolumeWarning, match=rf"{re.escape(thick)}: resampling .* enlarges it 10x along axis 2") as w:
         _prepare(tmp_path, [thick])
-    assert all(r.filename.endswith(os.path.join("scripts", "cache.py")) for r in w), [r.filename for r in w]
+    assert all(r.filename.endswith(os.path.join("scripts", "data", "cache.py")) for r in w), [r.filename for r in w]
 
 
 def test_empty_and_constant_volumes_are_skipped_with_a_warning(tmp_path):

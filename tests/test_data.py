@@ -8,7 +8,7 @@ import pytest
 import torch
 from monai.data import MetaTensor
 from scipy import ndimage
-from scripts.data import PRESETS, BodyMaskd, load_datalist, preprocessing
+from scripts.data.preprocessing import PRESETS, BodyMaskd, load_datalist, preprocessing
 
 # LPS-oriented, anisotropic input grid: preprocessing must reorient and resample it.
 SPACING = (0.8, 0.8, 3.0)
@@ -181,7 +181,7 @@ def test_mri_body_mask_drops_a_bright_speck_in_the_air(tmp_path):
 
 
 def test_foreground_channels_drop_the_background():
-    from scripts.data import ForegroundChannelsd
+    from scripts.data.preprocessing import ForegroundChannelsd
 
     label = torch.tensor([0, 1, 2, 2, 0]).view(1, 5, 1, 1)
     out = ForegroundChannelsd("label", num_classes=2)({"label": label})["label"]

@@ -6,8 +6,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from scripts.data import load_datalist, preprocessing
-from scripts.demo import main, prepare_demo
+from scripts.data.demo import main, prepare_demo
+from scripts.data.preprocessing import load_datalist, preprocessing
 
 NUM_SUBJECTS = 3
 

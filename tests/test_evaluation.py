@@ -12,10 +12,10 @@ import torch
 from bundle import monai_bundle_run
 from monai.bundle import ConfigParser
 from monai.data import MetaTensor
+from scripts.data.splits import labelled_datalist, split_cases
 from scripts.evaluation import EvaluationSummary, HausdorffDistanceMM
 from scripts.networks import FPN3d
 from scripts.segmentation import segmentation_network
-from scripts.splits import labelled_datalist, split_cases
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ["configs/train.yaml", "configs/evaluate.yaml"]

@@ -27,9 +27,9 @@ import pytest
 import torch
 from bundle import ROOT, monai_bundle_run
 from monai.bundle import create_workflow
+from scripts.data.splits import labelled_datalist, split_cases
 from scripts.networks import FPN3d
 from scripts.segmentation import segmentation_network
-from scripts.splits import labelled_datalist, split_cases
 from scripts.utils.errors import find_bundle_error
 from test_pretrain_bundle import write_volumes
 from test_train_bundle import write_cases

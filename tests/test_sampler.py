@@ -93,7 +93,7 @@ def test_volume_smaller_than_patch_is_rejected_with_advice():
 
 def cached_volumes(tmp_path, count=3):
     """`count` cache entries of textured ellipsoids, each with its own intensity offset."""
-    from scripts.cache import write_entry
+    from scripts.data.cache import write_entry
 
     rng = np.random.default_rng(0)
     body = ellipsoid_body()

@@ -5,7 +5,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from scripts.splits import check_labels, labelled_datalist, split_cases
+from scripts.data.splits import check_labels, labelled_datalist, split_cases
 from scripts.utils.errors import BundleError
 
 AFFINE = np.diag([2.0, 2.0, 3.0, 1.0])

@@ -4,7 +4,7 @@ import pytest
 import torch
 from monai.data import MetaTensor
 from scipy.ndimage import gaussian_filter1d
-from scripts.data import preprocessing
+from scripts.data.preprocessing import preprocessing
 from scripts.vox2vec_augmentations import Vox2VecAugmentations
 
 SPATIAL = (24, 20, 6)

@@ -10,8 +10,8 @@ import logging
 from pathlib import Path
 
 from monai.utils import ensure_tuple
-from scripts.data import load_datalist
-from scripts.splits import read_volume
+from scripts.data.preprocessing import load_datalist
+from scripts.data.splits import read_volume
 from scripts.utils.errors import BundleError
 
 logger = logging.getLogger(__name__)
@@ -41,7 +41,8 @@ def segmentation_inputs(source: str, datalist_key: str, output_dir: str, postfix
     the input folder, every file under `output_dir`. The items left out are counted in a printed line.
 
     Args:
-        source: what `scripts.data.load_datalist` reads: a NIfTI folder, a folder with `dataset.json` or a datalist.
+        source: what `scripts.data.preprocessing.load_datalist` reads: a NIfTI folder, a folder with `dataset.json` or
+        a datalist.
         datalist_key: the list to read from a JSON datalist.
         output_dir: where the masks are written.
         postfix: the masks' name postfix (`SaveImaged`'s ``output_postfix``).

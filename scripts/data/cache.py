@@ -2,7 +2,8 @@
 
 A pretraining step cuts a few patches from one volume. Loading the whole preprocessed volume for that (88 MB for a
 320 x 240 x 200 float32 volume) would make a step cost more the larger the volume. So :func:`prepare_volumes`
-preprocesses each volume once (`scripts.data.preprocessing`) into plain ``.npy`` arrays, and a batch memory-maps them
+preprocesses each volume once (`scripts.data.preprocessing.preprocessing`) into plain ``.npy`` arrays, and a batch
+memory-maps them
 (:func:`open_volume`) and reads only the boxes it cuts. Layout::
 
     <cache_dir>/<dataset>-<modality>-<hash>/     one folder per dataset source and transform, shared by runs
@@ -42,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scripts.data import PRESETS, VolumeWarning, preprocessing
+from scripts.data.preprocessing import PRESETS, VolumeWarning, preprocessing
 from scripts.utils.distributed import is_main
 from scripts.utils.errors import BundleError
 
@@ -228,20 +229,21 @@ def prepare_volumes(
     volume is checked before any is refused, so that one run reports every bad file.
 
     Args:
-        datalist: ``[{"image": path}, ...]`` (`scripts.data.load_datalist`).
+        datalist: ``[{"image": path}, ...]`` (`scripts.data.preprocessing.load_datalist`).
         cache_dir: the cache's root folder (config key ``cache_dir``).
-        modality: preset name (`scripts.data.PRESETS`).
+        modality: preset name (`scripts.data.preprocessing.PRESETS`).
         patch_size: (3,) patch size in voxels; smaller volumes are padded to it.
         num_workers: processes for the preprocessing; 0 runs it in this process.
         pixdim: voxel spacing in mm overriding the preset's.
 
     Raises:
         BundleError: some volumes are missing, unreadable, corrupt, 4D, non-finite or shrink to nothing when resampled
-            (`scripts.data.CheckVolumed`; the message names each file and the problem), or no volume is usable.
+            (`scripts.data.preprocessing.CheckVolumed`; the message names each file and the problem), or no volume is
+            usable.
 
     Returns:
         entry folders (for :func:`open_volume`), in datalist order, without the skipped volumes (each is warned about,
-        as are suspicious volumes, see `scripts.data.CheckVolumed`).
+        as are suspicious volumes, see `scripts.data.preprocessing.CheckVolumed`).
     """
     folder = cache_folder(cache_dir, datalist, modality, patch_size, pixdim)
     folder.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 from monai.utils import ensure_tuple
-from scripts.data import _NIFTI_SUFFIXES, load_datalist
+from scripts.data.preprocessing import _NIFTI_SUFFIXES, load_datalist
 from scripts.utils.errors import BundleError, InputNotFoundError, InvalidInputError
 
 __all__ = ["check_labels", "labelled_datalist", "split_cases"]
@@ -245,7 +245,9 @@ def read_volume(file: str, kind: str = "image") -> tuple[nib.spatialimages.Spati
     if len(volume.shape) < 3 or min(volume.shape[:3]) < 2:
         return None, None, f"{kind} {file} has shape {volume.shape}: a 3D volume is required"
     volumes = int(np.prod(volume.shape[3:]))
-    if volumes > 1:  # preprocessing (`scripts.data.CheckVolumed`) would refuse it later, after other files' work
+    if (
+        volumes > 1
+    ):  # preprocessing (`scripts.data.preprocessing.CheckVolumed`) would refuse it later, after other files' work
         return None, None, f"{kind} {file} is a 4D image holding {volumes} volumes: a 3D volume is required"
     return volume, data, ""
 

@@ -188,7 +188,7 @@ def prepare_demo(root: str | os.PathLike, num_subjects: int = 12, spacing: float
 
 def main() -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m scripts.demo",
+        prog="python -m scripts.data.demo",
         description="Prepare the embedded demo dataset and print its dataset.json path.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
