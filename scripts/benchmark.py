@@ -42,9 +42,9 @@ import torch
 from scripts.data.cache import write_entry
 from scripts.local_augmentations import LocalAugmentations
 from scripts.losses import HybridLoss
-from scripts.networks import dhr_network
+from scripts.networks.fpn3d import dhr_network
+from scripts.networks.segmentation import segmentation_network
 from scripts.sampler import VoxelPairDataset, VoxelPairSamplerd
-from scripts.segmentation import segmentation_network
 from scripts.training import SSLBatch
 from scripts.utils import log
 

@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
-from scripts.networks import FPN3d
+from scripts.networks.fpn3d import FPN3d
 from scripts.training import latest_checkpoint
 from scripts.utils import log
 from scripts.utils.errors import BundleError

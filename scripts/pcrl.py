@@ -44,7 +44,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from monai.engines import SupervisedTrainer
-from scripts.networks import FPN3d
+from scripts.networks.fpn3d import FPN3d
 from scripts.training import batch_generator
 from scripts.utils.distributed import all_gather, average_, unwrap
 from torch import Tensor, nn

@@ -34,8 +34,8 @@ from pathlib import Path
 import torch
 import yaml
 from scripts import weights
-from scripts.networks import FPN3d
-from scripts.segmentation import segmentation_network
+from scripts.networks.fpn3d import FPN3d
+from scripts.networks.segmentation import segmentation_network
 from scripts.utils import log
 from scripts.utils.errors import BundleError
 

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from scripts.data.preprocessing import PRESETS, preprocessing
 from scripts.import_weights import load_backbone
-from scripts.networks import FPN3d
+from scripts.networks.fpn3d import FPN3d
 from scripts.utils import log
 from scripts.utils.errors import BundleError
 from scripts.weights import read_info

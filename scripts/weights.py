@@ -87,7 +87,7 @@ def infer_info(state_dict: Mapping[str, Tensor], prefix: str = "") -> dict:
 
 
 def _infer_head(state_dict: Mapping[str, Tensor]) -> dict:
-    """The head of a `scripts.segmentation.SegmentationNet` state dict, from its shapes: the linear head's
+    """The head of a `scripts.networks.segmentation.SegmentationNet` state dict, from its shapes: the linear head's
     ``head.convs.<i>.weight`` and the non-linear head's ``head.final_block.weight`` are (num_classes, C, 1, 1, 1).
     Empty for any other network (a pretraining network's ``head`` is its projection MLP)."""
     for name, key in (("linear", "head.convs.0.weight"), ("nonlinear", "head.final_block.weight")):

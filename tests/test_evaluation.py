@@ -14,8 +14,8 @@ from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 from scripts.data.splits import labelled_datalist, split_cases
 from scripts.evaluation import EvaluationSummary, HausdorffDistanceMM
-from scripts.networks import FPN3d
-from scripts.segmentation import segmentation_network
+from scripts.networks.fpn3d import FPN3d
+from scripts.networks.segmentation import segmentation_network
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ["configs/train.yaml", "configs/evaluate.yaml"]

@@ -28,8 +28,8 @@ import torch
 from bundle import ROOT, monai_bundle_run
 from monai.bundle import create_workflow
 from scripts.data.splits import labelled_datalist, split_cases
-from scripts.networks import FPN3d
-from scripts.segmentation import segmentation_network
+from scripts.networks.fpn3d import FPN3d
+from scripts.networks.segmentation import segmentation_network
 from scripts.utils.errors import find_bundle_error
 from test_pretrain_bundle import write_volumes
 from test_train_bundle import write_cases

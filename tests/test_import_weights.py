@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 from scripts.import_weights import extract_backbone_state, import_backbone, load_backbone, main
-from scripts.networks import FPN3d, dhr_network
+from scripts.networks.fpn3d import FPN3d, dhr_network
 from scripts.utils.errors import BundleError
 from scripts.weights import read_info, sidecar
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from bundle import monai_bundle_run
 from monai.bundle import ConfigParser, verify_net_in_out
-from scripts.segmentation import segmentation_network
+from scripts.networks.segmentation import segmentation_network
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = ROOT / "tests" / "schema" / "meta_schema_20240725.json"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 from scripts import compare
-from scripts.networks import FPN3d
+from scripts.networks.fpn3d import FPN3d
 from scripts.weights import read_info, save_weights
 from test_train_bundle import write_cases
 

@@ -3,7 +3,7 @@ import warnings
 
 import pytest
 import torch
-from scripts.networks import FPN3d, MultiscaleProjection, dhr_network
+from scripts.networks.fpn3d import FPN3d, MultiscaleProjection, dhr_network
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from ignite.handlers import Checkpoint
 from monai.bundle import ConfigParser
 from scripts.import_weights import extract_backbone_state
 from scripts.local_augmentations import LocalAugmentations
-from scripts.networks import FPN3d
+from scripts.networks.fpn3d import FPN3d
 from scripts.pcrl import (
     PCRLBatch,
     PCRLLoss,

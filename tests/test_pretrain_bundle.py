@@ -11,7 +11,7 @@ import pytest
 import torch
 from bundle import monai_bundle_run
 from monai.bundle import ConfigParser
-from scripts.networks import FPN3d
+from scripts.networks.fpn3d import FPN3d
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {

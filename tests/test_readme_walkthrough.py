@@ -27,7 +27,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
-from scripts.networks import FPN3d
+from scripts.networks.fpn3d import FPN3d
 
 ROOT = Path(__file__).resolve().parents[1]
 SKIPPED = ("pip install", "python -m pytest", "mlflow ui", "torchrun", "python -m scripts.release")

@@ -131,7 +131,7 @@ def test_download_load_and_check_in_a_fresh_process(release, tmp_path):
 
         download(name="{NAME}", url="{release["url"]}/{NAME}_v{VERSION}.zip", bundle_dir="hub")
         sys.path.insert(0, "hub/{NAME}")
-        from scripts.networks import FPN3d
+        from scripts.networks.fpn3d import FPN3d
 
         model = torch.load("{release["model"]}", weights_only=True)
         net = load("{NAME}", bundle_dir="hub", workflow_type="inference", device="cpu")

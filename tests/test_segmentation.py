@@ -6,8 +6,14 @@ import pytest
 import torch
 from ignite.engine import Events
 from monai.engines import SupervisedTrainer
-from scripts.networks import FPN3d
-from scripts.segmentation import BackboneWarmup, FPNNonLinearHead, LinearFPNHead, SegmentationNet, segmentation_network
+from scripts.networks.fpn3d import FPN3d
+from scripts.networks.segmentation import (
+    BackboneWarmup,
+    FPNNonLinearHead,
+    LinearFPNHead,
+    SegmentationNet,
+    segmentation_network,
+)
 from scripts.utils.errors import BundleError
 
 
@@ -226,7 +232,7 @@ def test_torchscript_matches_eager(head):
 
 
 def test_probabilities_to_labels_takes_the_most_probable_class_above_the_threshold():
-    from scripts.segmentation import probabilities_to_labels
+    from scripts.networks.segmentation import probabilities_to_labels
 
     # voxels: none above 0.5; only class 2; both, class 1 higher; both, class 2 higher
     p = torch.tensor([[0.4, 0.1, 0.9, 0.6], [0.3, 0.7, 0.8, 0.7]]).view(2, 4, 1, 1)

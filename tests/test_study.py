@@ -194,7 +194,7 @@ def test_one_real_cell_through_the_bundle_is_one_mlflow_run_of_the_study_experim
 
 
 def test_from_scratch_is_the_first_backbones_network_untrained(tmp_path):
-    from scripts.networks import FPN3d
+    from scripts.networks.fpn3d import FPN3d
     from scripts.weights import save_weights
 
     info = {"kind": "backbone", "in_channels": 1, "base_channels": 4, "num_scales": 3, "modality": "ct"}

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 from bundle import monai_bundle_run
-from scripts.networks import FPN3d
-from scripts.segmentation import segmentation_network
+from scripts.networks.fpn3d import FPN3d
+from scripts.networks.segmentation import segmentation_network
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from scripts import visualize
-from scripts.networks import FPN3d
+from scripts.networks.fpn3d import FPN3d
 from scripts.utils.errors import BundleError
 
 

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 from monai.bundle import ConfigParser
-from scripts.networks import FPN3d
-from scripts.segmentation import segmentation_network
+from scripts.networks.fpn3d import FPN3d
+from scripts.networks.segmentation import segmentation_network
 from scripts.utils.errors import BundleError, find_bundle_error
 from scripts.weights import read_info, resolve, save_weights, sidecar
 

@@ -6,7 +6,7 @@ import nibabel as nib
 import pytest
 import torch
 from bundle import monai_bundle_run
-from scripts.networks import FPN3d
+from scripts.networks.fpn3d import FPN3d
 from scripts.weights import read_info, sidecar
 from test_train_bundle import write_cases
 

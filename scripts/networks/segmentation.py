@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from ignite.engine import Engine, Events
 from scripts.import_weights import load_backbone
-from scripts.networks import FPN3d, ResBlock3d
+from scripts.networks.fpn3d import FPN3d, ResBlock3d
 from scripts.utils.distributed import unwrap
 from scripts.utils.errors import BundleError
 from torch import Tensor
