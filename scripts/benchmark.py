@@ -40,11 +40,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from scripts.data.cache import write_entry
-from scripts.local_augmentations import LocalAugmentations
-from scripts.losses import HybridLoss
 from scripts.networks.fpn3d import dhr_network
 from scripts.networks.segmentation import segmentation_network
-from scripts.sampler import VoxelPairDataset, VoxelPairSamplerd
+from scripts.ssl.local_augmentations import LocalAugmentations
+from scripts.ssl.losses import HybridLoss
+from scripts.ssl.sampler import VoxelPairDataset, VoxelPairSamplerd
 from scripts.training import SSLBatch
 from scripts.utils import log
 

@@ -17,12 +17,12 @@ from ignite.engine import Engine, Events
 from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
 from monai.handlers import MeanDice, MLFlowHandler, from_engine
-from scripts.local_augmentations import LocalAugmentations
+from scripts.ssl.local_augmentations import LocalAugmentations
+from scripts.ssl.vox2vec_augmentations import Vox2VecAugmentations
 from scripts.utils import distributed
 from scripts.utils.distributed import all_gather, any_rank, is_main, rank, stop_other_ranks
 from scripts.utils.errors import BundleError
 from scripts.utils.randomness import torch_generator
-from scripts.vox2vec_augmentations import Vox2VecAugmentations
 from scripts.weights import save_weights
 from torch import nn
 from tqdm import tqdm
@@ -115,7 +115,8 @@ class SSLBatch:
     """
     ``prepare_batch`` for ``SupervisedTrainer``: moves voxel-pair batches to the device and augments them there.
 
-    A batch from :class:`scripts.sampler.VoxelPairSamplerd` holds V volumes x N pairs; both views of all P = V * N pairs
+    A batch from :class:`scripts.ssl.sampler.VoxelPairSamplerd` holds V volumes x N pairs; both views of all P = V * N
+    pairs
     are stacked into one network input (2P, 1, X, Y, Z), view 1 first, so that one backbone pass serves both. Each view
     is augmented independently, batched, on the training device; the clean views are kept as restoration targets.
 

@@ -4,7 +4,7 @@ import os
 
 import torch
 import torch.distributed as dist
-from scripts.losses import info_nce
+from scripts.ssl.losses import info_nce
 
 
 def gathered_info_nce(rank: int, port: int, z1, z2, valid, folder: str) -> None:

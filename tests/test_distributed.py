@@ -8,8 +8,8 @@ import torch
 import torch.multiprocessing as mp
 from bundle import monai_bundle_run
 from info_nce_worker import gathered_info_nce
-from scripts.losses import info_nce
 from scripts.networks.fpn3d import FPN3d
+from scripts.ssl.losses import info_nce
 from test_pretrain_bundle import TINY, write_volumes
 from test_train_bundle import TINY as TRAIN_TINY
 from test_train_bundle import write_cases

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 from monai.data import MetaTensor
-from scripts.local_augmentations import LocalAugmentations
+from scripts.ssl.local_augmentations import LocalAugmentations
 
 SPATIAL = (20, 16, 10)
 DIVISOR = 4  # blocks of 5x4x2 voxels in a 20x16x10 patch

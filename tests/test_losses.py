@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from ignite.engine import Engine
-from scripts.losses import HybridLoss, info_nce, loss_and_terms, loss_term_metrics
+from scripts.ssl.losses import HybridLoss, info_nce, loss_and_terms, loss_term_metrics
 
 
 def naive_info_nce(z1, z2, temperature):
@@ -103,7 +103,7 @@ def test_term_metrics_average_over_an_epoch_and_logging_transform():
 
 def test_dice_bce_is_per_class_sigmoid_dice_plus_bce():
     from monai.losses import DiceLoss
-    from scripts.losses import DiceBCELoss
+    from scripts.ssl.losses import DiceBCELoss
 
     torch.manual_seed(0)
     logits = torch.randn(2, 3, 4, 4, 2)

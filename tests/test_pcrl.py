@@ -1,4 +1,5 @@
-"""PCRL (scripts/pcrl.py, configs/pretrain_pcrl.yaml): units on tiny tensors, then the bundle run end to end on CPU."""
+"""PCRL (scripts/ssl/pcrl.py, configs/pretrain_pcrl.yaml): units on tiny tensors, then the bundle run end to end on
+CPU."""
 
 import itertools
 import math
@@ -12,9 +13,9 @@ from bundle import monai_bundle_run
 from ignite.handlers import Checkpoint
 from monai.bundle import ConfigParser
 from scripts.import_weights import extract_backbone_state
-from scripts.local_augmentations import LocalAugmentations
 from scripts.networks.fpn3d import FPN3d
-from scripts.pcrl import (
+from scripts.ssl.local_augmentations import LocalAugmentations
+from scripts.ssl.pcrl import (
     PCRLBatch,
     PCRLLoss,
     PCRLNetwork,

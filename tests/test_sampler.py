@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 import torch
-from scripts.sampler import VoxelPairSamplerd
+from scripts.ssl.sampler import VoxelPairSamplerd
 
 SHAPE = (40, 36, 20)
 PATCH = (16, 12, 8)
@@ -105,7 +105,7 @@ def cached_volumes(tmp_path, count=3):
 
 
 def dataset(entries, **kwargs):
-    from scripts.sampler import VoxelPairDataset
+    from scripts.ssl.sampler import VoxelPairDataset
 
     return VoxelPairDataset(entries, VoxelPairSamplerd(PATCH, num_pairs=4, voxels_per_pair=32), **kwargs)
 
@@ -141,7 +141,7 @@ def test_unknown_cache_mode_names_the_key(tmp_path):
 
 def test_index_sampler_continues_from_the_engine_iteration():
     from ignite.engine import Engine, Events
-    from scripts.sampler import SampleIndexSampler
+    from scripts.ssl.sampler import SampleIndexSampler
 
     sampler = SampleIndexSampler(samples_per_iteration=3)
     engine = Engine(lambda e, b: None)

@@ -2,7 +2,7 @@ import pytest
 import torch
 from ignite.engine import Engine, Events
 from monai.engines import SupervisedTrainer
-from scripts.losses import HybridLoss
+from scripts.ssl.losses import HybridLoss
 from scripts.training import ExportBackbone, GradientClipping, NonFiniteLossGuard, SSLBatch, latest_checkpoint
 from torch import nn
 

@@ -5,7 +5,7 @@ import torch
 from monai.data import MetaTensor
 from scipy.ndimage import gaussian_filter1d
 from scripts.data.preprocessing import preprocessing
-from scripts.vox2vec_augmentations import Vox2VecAugmentations
+from scripts.ssl.vox2vec_augmentations import Vox2VecAugmentations
 
 SPATIAL = (24, 20, 6)
 SPAN_HU = 2350.0  # the "ct_wide" data scale: [-1350, 1000] HU -> [0, 1]

@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 import torch
 from scripts.data.preprocessing import PRESETS
-from scripts.local_augmentations import _check_patches
+from scripts.ssl.local_augmentations import _check_patches
 
 __all__ = ["Vox2VecAugmentations"]
 

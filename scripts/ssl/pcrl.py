@@ -138,7 +138,8 @@ class PCRLBatch:
     the reconstruction targets and the random transformations (all randomness of a step is drawn here, so the
     network's forward is a deterministic function of its arguments).
 
-    A batch from :class:`scripts.sampler.VoxelPairSamplerd` holds V volumes x N pairs; the P = V * N pairs give clean
+    A batch from :class:`scripts.ssl.sampler.VoxelPairSamplerd` holds V volumes x N pairs; the P = V * N pairs give
+    clean
     views ``c1, c2`` (P, 1, X, Y, Z) each. See the module docstring for the terms.
 
     Randomness as in `scripts.training.SSLBatch`: every draw (corruption, transformations, mixing weights, mixup
@@ -378,7 +379,7 @@ class PCRLLoss(nn.Module):
     terms are the authors' four (``student``, ``hybrid`` and their mixup versions) unless `teacher_reconstruction`.
 
     InfoNCE is the cross-entropy of each query's logits with the positive (index 0). The detached value of each term
-    of the last call is kept in :attr:`terms` (as in `scripts.losses.HybridLoss`) for logging.
+    of the last call is kept in :attr:`terms` (as in `scripts.ssl.losses.HybridLoss`) for logging.
 
     Args:
         mixup: whether the input-mixup terms are expected (``infonce_mixup``, ``mse_student_mixup``,

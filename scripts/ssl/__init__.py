@@ -1,0 +1,5 @@
+"""Self-supervised pretraining: the voxel-pair sampler, losses, augmentations and PCRL."""
+
+from scripts import lazy_submodules
+
+__getattr__ = lazy_submodules(__name__)
