@@ -40,12 +40,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from scripts.data.cache import write_entry
+from scripts.engine.training import SSLBatch
 from scripts.networks.fpn3d import dhr_network
 from scripts.networks.segmentation import segmentation_network
 from scripts.ssl.local_augmentations import LocalAugmentations
 from scripts.ssl.losses import HybridLoss
 from scripts.ssl.sampler import VoxelPairDataset, VoxelPairSamplerd
-from scripts.training import SSLBatch
 from scripts.utils import log
 
 logger = logging.getLogger(__name__)

@@ -10,7 +10,8 @@ Usage (from the bundle root)::
 Each method is pretrained with its config (``configs/pretrain.yaml`` plus its override file) and the same
 ``--pretrain_args`` into ``<output_dir>/pretrain_<method>_<digest>``, whose ``args.json`` holds the run's identity (the
 method, its configs and the arguments; ``<digest>`` is a hash of it) and which receives the backbone
-``pretrained_backbone.pt`` with its ``.json`` sidecar (architecture and preprocessing preset, see `scripts.weights`), so
+``pretrained_backbone.pt`` with its ``.json`` sidecar (architecture and preprocessing preset, see
+`scripts.engine.weights`), so
 methods of different sizes compare in one study. A method whose backbone exists for the same identity is not pretrained
 again, an interrupted pretraining resumes, and changed arguments pretrain anew in a new folder. Then every backbone, and
 training from scratch, goes through :mod:`scripts.study` (``<output_dir>/study``, every study option accepted): one

@@ -1,5 +1,5 @@
 """Turns released DHR / vox2vec weights, or a checkpoint of this bundle, into a pretrained-backbone file: a plain
-`FPN3d` state dict with its ``.json`` sidecar (`scripts.weights`).
+`FPN3d` state dict with its ``.json`` sidecar (`scripts.engine.weights`).
 
 Usage::
 
@@ -22,11 +22,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
+from scripts.engine.training import latest_checkpoint
+from scripts.engine.weights import infer_info, matches, save_weights
 from scripts.networks.fpn3d import FPN3d
-from scripts.training import latest_checkpoint
 from scripts.utils import log
 from scripts.utils.errors import BundleError
-from scripts.weights import infer_info, matches, save_weights
 from torch import Tensor
 
 logger = logging.getLogger(__name__)

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from scripts import weights
+from scripts.engine import weights
 from scripts.networks.fpn3d import FPN3d
 from scripts.networks.segmentation import segmentation_network
 from scripts.utils import log
@@ -55,7 +55,8 @@ DEMO_CLASSES = {"0": "CSF", "1": "grey matter", "2": "white matter"}
 def describe_weights(path: Path, kind: str) -> dict:
     """The architecture of the weight file ``path`` (``kind`` "segmentation" or "backbone"), checked by loading it.
 
-    Keys come from the file's description (``scripts.weights.read_info``: the JSON sidecar, else FPN3d tensor shapes);
+    Keys come from the file's description (``scripts.engine.weights.read_info``: the JSON sidecar, else FPN3d tensor
+    shapes);
     for a segmentation file without a description, ``num_classes`` and ``head`` are read from the head's tensors.
     The network of ``configs/inference.json`` (segmentation) or ``FPN3d`` (backbone) is then built from these keys
     and must load every tensor strictly.

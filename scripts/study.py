@@ -36,9 +36,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+from scripts.engine.weights import file_digest, read_info
 from scripts.utils import log
 from scripts.utils.cli import none_overrides
-from scripts.weights import file_digest, read_info
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ the query voxel's (the mean over levels of the per-level cosine, so every scale 
 vectors). A network that learned nothing shows noise or plain intensity; a useful one shows anatomy at the fine levels,
 regions at the coarse ones, and lights up tissue like the query's.
 
-The architecture comes from the file (``scripts.weights.read_info``: its sidecar, or its tensor shapes), the
+The architecture comes from the file (``scripts.engine.weights.read_info``: its sidecar, or its tensor shapes), the
 preprocessing is the bundle's (``scripts.data.preprocessing.preprocessing``) with the file's modality preset when it
 records one,
 else ``--modality``. To stay fast on a CPU the network sees one crop of the preprocessed volume, ``--crop`` voxels
@@ -32,11 +32,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scripts.data.preprocessing import PRESETS, preprocessing
+from scripts.engine.weights import read_info
 from scripts.import_weights import load_backbone
 from scripts.networks.fpn3d import FPN3d
 from scripts.utils import log
 from scripts.utils.errors import BundleError
-from scripts.weights import read_info
 from torch import Tensor
 
 logger = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ from bundle import monai_bundle_run
 from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 from scripts.data.splits import labelled_datalist, split_cases
-from scripts.evaluation import EvaluationSummary, HausdorffDistanceMM
+from scripts.engine.evaluation import EvaluationSummary, HausdorffDistanceMM
 from scripts.networks.fpn3d import FPN3d
 from scripts.networks.segmentation import segmentation_network
 

@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from scripts.engine.weights import read_info, sidecar
 from scripts.import_weights import extract_backbone_state, import_backbone, load_backbone, main
 from scripts.networks.fpn3d import FPN3d, dhr_network
 from scripts.utils.errors import BundleError
-from scripts.weights import read_info, sidecar
 
 REPO = Path(__file__).resolve().parents[1]
 

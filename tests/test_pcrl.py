@@ -12,6 +12,7 @@ import torch
 from bundle import monai_bundle_run
 from ignite.handlers import Checkpoint
 from monai.bundle import ConfigParser
+from scripts.engine.training import GradientClipping
 from scripts.import_weights import extract_backbone_state
 from scripts.networks.fpn3d import FPN3d
 from scripts.ssl.local_augmentations import LocalAugmentations
@@ -24,7 +25,6 @@ from scripts.ssl.pcrl import (
     random_transforms,
     transform_code,
 )
-from scripts.training import GradientClipping
 from test_pretrain_bundle import TINY, write_volumes
 
 ROOT = Path(__file__).resolve().parents[1]

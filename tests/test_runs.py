@@ -1,4 +1,4 @@
-"""One run per output folder: key checks, run identity, lock, atomic checkpoints and resume (scripts/runs.py)."""
+"""One run per output folder: key checks, run identity, lock, atomic checkpoints and resume (scripts/engine/runs.py)."""
 
 import os
 import random
@@ -11,7 +11,7 @@ import pytest
 import torch
 from bundle import ROOT
 from ignite.engine import Engine, Events
-from scripts.runs import CheckpointLoader, CheckpointSaver, RunFolder, checkpoints
+from scripts.engine.runs import CheckpointLoader, CheckpointSaver, RunFolder, checkpoints
 from test_pretrain_bundle import TINY, run_pretrain, write_volumes
 from torch import nn
 
@@ -65,7 +65,7 @@ def test_final_iteration_is_checkpointed_with_identity_and_random_states(base):
 
 
 def test_backbone_and_sidecar_are_written_with_the_run(base):
-    from scripts.weights import read_info
+    from scripts.engine.weights import read_info
 
     info = read_info(base / "out/pretrained_backbone.pt")
     assert info == {

@@ -194,8 +194,8 @@ def test_one_real_cell_through_the_bundle_is_one_mlflow_run_of_the_study_experim
 
 
 def test_from_scratch_is_the_first_backbones_network_untrained(tmp_path):
+    from scripts.engine.weights import save_weights
     from scripts.networks.fpn3d import FPN3d
-    from scripts.weights import save_weights
 
     info = {"kind": "backbone", "in_channels": 1, "base_channels": 4, "num_scales": 3, "modality": "ct"}
     save_weights(FPN3d(1, 4, 3).state_dict(), tmp_path / "dhr.pt", {**info, "patch_size": [16, 16, 8]})

@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 from monai.bundle import ConfigParser
+from scripts.engine.weights import read_info, resolve, save_weights, sidecar
 from scripts.networks.fpn3d import FPN3d
 from scripts.networks.segmentation import segmentation_network
 from scripts.utils.errors import BundleError, find_bundle_error
-from scripts.weights import read_info, resolve, save_weights, sidecar
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULTS = {"modality": "mri", "patch_size": [128, 128, 32], "base_channels": 32, "num_scales": 5, "num_classes": 3}

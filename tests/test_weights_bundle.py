@@ -6,8 +6,8 @@ import nibabel as nib
 import pytest
 import torch
 from bundle import monai_bundle_run
+from scripts.engine.weights import read_info, sidecar
 from scripts.networks.fpn3d import FPN3d
-from scripts.weights import read_info, sidecar
 from test_train_bundle import write_cases
 
 # Only run-length and data keys: the network and preprocessing keys come from the weights.

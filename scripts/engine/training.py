@@ -17,13 +17,13 @@ from ignite.engine import Engine, Events
 from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
 from monai.handlers import MeanDice, MLFlowHandler, from_engine
+from scripts.engine.weights import save_weights
 from scripts.ssl.local_augmentations import LocalAugmentations
 from scripts.ssl.vox2vec_augmentations import Vox2VecAugmentations
 from scripts.utils import distributed
 from scripts.utils.distributed import all_gather, any_rank, is_main, rank, stop_other_ranks
 from scripts.utils.errors import BundleError
 from scripts.utils.randomness import torch_generator
-from scripts.weights import save_weights
 from torch import nn
 from tqdm import tqdm
 
@@ -344,7 +344,8 @@ class ProgressBar:
 
 class ExportBackbone:
     """
-    Saves the backbone's plain ``state_dict`` and its sidecar (``scripts.weights``) when training completes: the files
+    Saves the backbone's plain ``state_dict`` and its sidecar (``scripts.engine.weights``) when training completes: the
+    files
     downstream workflows load.
 
     Only on completion: an interrupted or failed run must not overwrite a good earlier export. Use

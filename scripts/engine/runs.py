@@ -80,8 +80,8 @@ def check_keys(keys: Mapping[str, Any]) -> None:
     Raises:
         BundleError: at the first bad key.
     """
-    from scripts import training  # here, not at import: both import MONAI's transforms
-    from scripts.data import preprocessing
+    from scripts.data import preprocessing  # here, not at import: both import MONAI's transforms
+    from scripts.engine import training
 
     if "patch_size" in keys:
         size = keys["patch_size"]
