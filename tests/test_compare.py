@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from scripts import compare, study
+from scripts.tools import compare, study
 from test_study import fake_runner
 
 

@@ -5,9 +5,9 @@ import os
 from pathlib import Path
 
 import torch
-from scripts import compare
 from scripts.engine.weights import read_info, save_weights
 from scripts.networks.fpn3d import FPN3d
+from scripts.tools import compare
 from test_train_bundle import write_cases
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,7 +9,7 @@ is then the command's whose folder holds it.
 
 Not run here: `pip install` (the environment is the test's), `python -m pytest` (this suite), `mlflow ui` (a web
 server; the database it shows is checked after the MLflow command), `torchrun` (several processes:
-tests/test_distributed.py) and `scripts.release` (tests/test_release.py).
+tests/test_distributed.py) and `scripts.tools.release` (tests/test_release.py).
 """
 
 import json
@@ -30,7 +30,7 @@ import torch
 from scripts.networks.fpn3d import FPN3d
 
 ROOT = Path(__file__).resolve().parents[1]
-SKIPPED = ("pip install", "python -m pytest", "mlflow ui", "torchrun", "python -m scripts.release")
+SKIPPED = ("pip install", "python -m pytest", "mlflow ui", "torchrun", "python -m scripts.tools.release")
 RESUME_HEADING = "## Resuming"  # "running the same command again resumes": the Quick start's command, rerun here
 
 # A 4-channel, 3-level FPN3d on 32 x 32 x 16 patches: seconds per run; the downstream runs inherit it from the backbone.
@@ -83,8 +83,8 @@ STEPS = [
     Step("verify_metadata", "", (), ()),
     pretraining("--dataset_dir /data/ct --modality ct", "runs/pretrain_ct", ("/data/ct/",)),
     pretraining("--dataset_dir /data/mri", "runs/pretrain_mri", ("/data/mri/",)),
-    Step("scripts.benchmark$", "--repeats 1 --volume 48 48 24 --patch 16 16 8 --pairs 2 --voxels 32", (), ()),
-    Step("scripts.benchmark --memory", "--patch 16 16 8 --pairs 2 --voxels 32", (), ()),
+    Step("scripts.tools.benchmark$", "--repeats 1 --volume 48 48 24 --patch 16 16 8 --pairs 2 --voxels 32", (), ()),
+    Step("scripts.tools.benchmark --memory", "--patch 16 16 8 --pairs 2 --voxels 32", (), ()),
     Step(RESUME_HEADING, PRETRAIN, ("runs/pretrain/", "data/demo/"), ("runs/pretrain/",)),
     Step(
         "import_weights runs/pretrain/checkpoints",
@@ -108,7 +108,7 @@ STEPS = [
     pretraining("--restoration_weight 0", "runs/ablation_restoration"),
     pretraining("--freeze_projections True", "runs/ablation_frozen_projections"),
     Step(
-        "scripts.compare",
+        "scripts.tools.compare",
         STUDY,
         ("/data/unlabelled/", "/data/labelled/"),
         ("runs/compare/", SHARED),
@@ -148,7 +148,7 @@ STEPS = [
         ("/data/masks/scan_0_seg.nii.gz", "/data/masks/scan_1_seg.nii.gz"),
     ),
     Step(
-        "scripts.study",
+        "scripts.tools.study",
         STUDY,
         ("runs/pretrain/", "data/demo/"),
         ("runs/study/",),
@@ -252,10 +252,10 @@ def with_overrides(command: str, extra: str, data: Path) -> list[str]:
     argv = [re.sub(r"(^|\s)/data/", rf"\g<1>{data}/", a) for a in shlex.split(command)]
     argv[0] = sys.executable if argv[0] == "python" else argv[0]
     extra_argv = shlex.split(extra)
-    if "scripts.study" in command:
+    if "scripts.tools.study" in command:
         cut = argv.index("--")
         return [*argv[:cut], *extra_argv, *argv[cut:], *shlex.split(DOWNSTREAM)]
-    if "scripts.compare" in command:
+    if "scripts.tools.compare" in command:
         argv[argv.index("--pretrain_args") + 1] += f" {PRETRAIN.replace(' --progress False', '')}"  # compare's own
         argv[argv.index("--study_args") + 1] += f" {DOWNSTREAM}"
     return [*argv, *extra_argv]

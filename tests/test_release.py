@@ -1,4 +1,4 @@
-"""scripts.release end to end, offline: tiny-trained weights -> submission folder and release zip -> served over
+"""scripts.tools.release end to end, offline: tiny-trained weights -> submission folder and release zip -> served over
 127.0.0.1 -> downloaded and loaded through MONAI's Zoo API in a fresh process from another folder -> the Zoo's checks.
 
 The Model Zoo's own CI script (`ci/verify_bundle.py`) runs when a copy of the model-zoo repository is found at
@@ -62,7 +62,7 @@ def server(tmp_path_factory):
 def release(server, tmp_path_factory):
     """Pretrains and fine-tunes a tiny network on synthetic volumes (in this process, as the Zoo's tests run
     workflows), then releases it into the served folder."""
-    from scripts.release import release as make_release
+    from scripts.tools.release import release as make_release
     from test_pretrain_bundle import write_volumes
     from test_train_bundle import write_cases
     from test_zoo_workflows import zoo_workflow

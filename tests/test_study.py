@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from scripts import study
+from scripts.tools import study
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -149,14 +149,14 @@ def test_warm_up_applies_to_fine_tuning_only(tmp_path, fake_runs):
     assert all("pretrained_ckpt" not in keys for _, keys, _ in fake_runs), "from scratch: no --pretrained_ckpt None"
 
 
-@pytest.mark.parametrize("module", ["study", "compare", "benchmark", "import_weights", "visualize"])
+@pytest.mark.parametrize("module", ["tools.study", "tools.compare", "tools.benchmark", "import_weights", "visualize"])
 def test_help_shows_the_defaults(module):
     result = subprocess.run(
         [sys.executable, "-m", f"scripts.{module}", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stderr
     assert "(default: " in result.stdout, result.stdout
-    if module == "compare":
+    if module == "tools.compare":
         assert "72 cells" in " ".join(result.stdout.split())
 
 
@@ -216,7 +216,7 @@ def test_a_terminated_study_ends_the_run_it_started(tmp_path):
     extra = [item for key, value in overrides.items() for item in (f"--{key}", value)]
     argv = ["--budgets", "1", "--folds", "0", "--modes", "finetune", "--output_dir", str(tmp_path / "study")]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    parent = subprocess.Popen([sys.executable, "-m", "scripts.study", *argv, "--", *extra], cwd=ROOT, env=env)
+    parent = subprocess.Popen([sys.executable, "-m", "scripts.tools.study", *argv, "--", *extra], cwd=ROOT, env=env)
     children = Path(f"/proc/{parent.pid}/task/{parent.pid}/children")
     deadline = time.monotonic() + 60
     while not children.read_text().split() and time.monotonic() < deadline:

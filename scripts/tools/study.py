@@ -2,7 +2,7 @@
 
 Usage (from the bundle root)::
 
-    python -m scripts.study --pretrained runs/pretrain/pretrained_backbone.pt --budgets 1 2 4 --folds 0 1 2 \
+    python -m scripts.tools.study --pretrained runs/pretrain/pretrained_backbone.pt --budgets 1 2 4 --folds 0 1 2 \
         [--modes linear finetune] [--warmup_epochs N] [--output_dir runs/study] [--tracking mlflow] \
         [-- --epochs 20 --epoch_length 50]
 
@@ -309,7 +309,7 @@ def _log_summary(tracking: Tracking, root: Path, args: argparse.Namespace, extra
 
 
 def add_study_arguments(parser: argparse.ArgumentParser) -> None:
-    """The study's options, shared with :mod:`scripts.compare`."""
+    """The study's options, shared with :mod:`scripts.tools.compare`."""
     parser.add_argument("--modes", nargs="+", default=["linear", "finetune"], choices=sorted(CONFIGS), help="protocols")
     parser.add_argument("--budgets", nargs="+", type=int, default=[1, 2, 4], help="numbers of labelled scans")
     parser.add_argument("--folds", nargs="+", type=int, default=[0, 1, 2], help="test folds (< num_folds, 3)")
@@ -363,7 +363,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
     parser = argparse.ArgumentParser(
-        prog="python -m scripts.study",
+        prog="python -m scripts.tools.study",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         epilog="Cells: (1 from scratch + one per --pretrained file) x modes x budgets x folds, each a training and an "

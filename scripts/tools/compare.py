@@ -2,7 +2,8 @@
 
 Usage (from the bundle root)::
 
-    python -m scripts.compare --methods dhr vox2vec pcrl [--output_dir runs/compare] [--budgets 1 2 4] [--folds 0 1 2]
+    python -m scripts.tools.compare --methods dhr vox2vec pcrl [--output_dir runs/compare] [--budgets 1 2 4] [--folds 0
+    1 2]
         [--modes linear finetune] [--warmup_epochs N] [--tracking mlflow]
         [--pretrain_args "--epochs 100 --dataset_dir /data/ct"]
         [--study_args "--epochs 50 --dataset_dir /data/labelled"]
@@ -14,7 +15,8 @@ method, its configs and the arguments; ``<digest>`` is a hash of it) and which r
 `scripts.engine.weights`), so
 methods of different sizes compare in one study. A method whose backbone exists for the same identity is not pretrained
 again, an interrupted pretraining resumes, and changed arguments pretrain anew in a new folder. Then every backbone, and
-training from scratch, goes through :mod:`scripts.study` (``<output_dir>/study``, every study option accepted): one
+training from scratch, goes through :mod:`scripts.tools.study` (``<output_dir>/study``, every study option accepted):
+one
 table and one plot, methods side by side. Every argument is checked before the first pretraining starts. With
 ``--tracking mlflow`` the comparison is one MLflow experiment in ``<output_dir>/mlruns.db``: a run per pretraining and
 per study cell, and the study's table and plot."""
@@ -30,7 +32,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from scripts import study
+from scripts.tools import study
 from scripts.utils import log
 from scripts.utils.cli import none_overrides
 
@@ -80,7 +82,7 @@ def pretrain(method: str, root: Path, extra: Sequence[str] = (), tracking: study
 def main(argv: Sequence[str] | None = None) -> None:
     study.end_runs_with_this_process()
     parser = argparse.ArgumentParser(
-        prog="python -m scripts.compare",
+        prog="python -m scripts.tools.compare",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         epilog="Runs: one pretraining per method, then (1 from scratch + one per method) x modes x budgets x folds "

@@ -2,8 +2,8 @@
 
 Usage (from the bundle root)::
 
-    python -m scripts.benchmark [--repeats 10] [--volume 320 240 200] [--patch 128 128 32] [--pairs 10]
-    python -m scripts.benchmark --memory [--patch 128 128 32] [--pairs 10]
+    python -m scripts.tools.benchmark [--repeats 10] [--volume 320 240 200] [--patch 128 128 32] [--pairs 10]
+    python -m scripts.tools.benchmark --memory [--patch 128 128 32] [--pairs 10]
 
 ``--memory`` prints an estimate of the training memory per configuration instead, without running anything: the
 networks run on PyTorch's "meta" device (shapes only), and the tensors their forward pass saves for the backward
@@ -228,7 +228,7 @@ def memory_estimates(patch: tuple[int, int, int], pairs: int, voxels: int) -> li
 
 def main() -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m scripts.benchmark",
+        prog="python -m scripts.tools.benchmark",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )

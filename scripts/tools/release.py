@@ -1,6 +1,6 @@
 """Packages the bundle for the MONAI Model Zoo: the submission folder, the release zip and the weight files to upload.
 
-    python -m scripts.release --version 0.3.0 --base_url https://host/path --model runs/train/model.pt \\
+    python -m scripts.tools.release --version 0.3.0 --base_url https://host/path --model runs/train/model.pt \\
         --backbone runs/pretrain/pretrained_backbone.pt
 
 writes into ``--output_dir`` (default ``release/``):
@@ -43,7 +43,7 @@ __all__ = ["DEFAULT_NAME", "describe_weights", "set_yaml_keys", "network_formats
 
 logger = logging.getLogger(__name__)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # The Zoo's `<data>_<modality>_<task>` form: the data are any CT or MRI volumes, so the method names them.
 DEFAULT_NAME = "dhr_ct_mri_pretraining"
 SHIPPED = ("configs", "docs", "scripts", "LICENSE")  # what a Zoo bundle holds besides models/ and large_files.yml
@@ -103,7 +103,7 @@ def set_yaml_keys(text: str, values: Mapping[str, object]) -> str:
         literal = f"{key}: {json.dumps(value)}"
         text, found = line.subn(lambda m, literal=literal: _keep_comment(literal, m), text, count=1)
         if not found:
-            text = text.rstrip("\n") + f"\n{literal}  # of the released weights (scripts.release)\n"
+            text = text.rstrip("\n") + f"\n{literal}  # of the released weights (scripts.tools.release)\n"
     return text
 
 
