@@ -1,11 +1,12 @@
 import json
+import os
 import re
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
-from scripts.data.splits import check_labels, labelled_datalist, split_cases
+from scripts.data.splits import check_labels, datalist_digest, labelled_datalist, split_cases
 from scripts.utils.errors import BundleError
 
 AFFINE = np.diag([2.0, 2.0, 3.0, 1.0])
@@ -265,3 +266,15 @@ def test_check_labels_reads_every_file_in_full_and_needs_3d_volumes_and_some_for
         check_labels(empty, 3, require_foreground=True)
     assert all(item["label"] in str(error.value) for item in empty)
     check_labels([*empty, _pair(tmp_path, "some", valid)], 3, require_foreground=True)
+
+
+def test_datalist_digest_changes_when_a_label_is_replaced_and_only_then(tmp_path):
+    _msd_folder(tmp_path, [f"c{i}.nii.gz" for i in range(4)])
+    first = datalist_digest(labelled_datalist(tmp_path))
+    assert datalist_digest(labelled_datalist(tmp_path)) == first, "the same files give the same digest"
+    label = tmp_path / "labelsTr" / "c0.nii.gz"
+    corrected = np.zeros(SHAPE, np.uint8)
+    corrected[0, 0, 0] = 1
+    _save(label, corrected)
+    os.utime(label, ns=(0, 10**9))  # a distinct time, whatever the file system's resolution
+    assert datalist_digest(labelled_datalist(tmp_path)) != first

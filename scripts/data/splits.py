@@ -7,6 +7,7 @@ never leak a test case into training or validation.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import warnings
@@ -18,7 +19,7 @@ from monai.utils import ensure_tuple
 from scripts.data.preprocessing import _NIFTI_SUFFIXES, load_datalist
 from scripts.utils.errors import BundleError, InputNotFoundError, InvalidInputError
 
-__all__ = ["check_labels", "labelled_datalist", "split_cases"]
+__all__ = ["check_labels", "datalist_digest", "labelled_datalist", "split_cases"]
 
 _KEYS = ("training", "validation", "test")
 _AFFINE_TOL_MM = 1e-3
@@ -134,6 +135,21 @@ def labelled_datalist(source: str | os.PathLike) -> dict[str, list[dict]]:
         _require_labels(result[key], key, str(json_file))
     _check_disjoint(result, str(json_file))
     return result
+
+
+def datalist_digest(datalist: dict[str, list[dict]]) -> str:
+    """SHA-256 (hex) of a labelled datalist as the runs see it: every list's image and label paths with each file's
+    size and modification time, so a corrected or replaced label gives another digest while reading no voxel."""
+
+    def stamp(file: str) -> list:
+        stat = os.stat(file)
+        return [os.path.abspath(file), stat.st_size, stat.st_mtime_ns]
+
+    described = {
+        key: [{k: [stamp(str(f)) for f in ensure_tuple(item[k])] for k in ("image", "label")} for item in items]
+        for key, items in sorted(datalist.items())
+    }
+    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
 
 
 def split_cases(
