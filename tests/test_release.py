@@ -96,6 +96,8 @@ def test_release_holds_what_the_zoo_packages(release):
         assert archive.read(f"{NAME}/models/model.pt") == release["model"].read_bytes()
     assert {n.split("/")[1] for n in names} == {"configs", "docs", "scripts", "models", "LICENSE"}
     assert not [n for n in names if "__pycache__" in n or n.endswith("large_files.yml")]
+    assert not [n for n in names if n.startswith(f"{NAME}/scripts/tools/")], "the research tools are not shipped"
+    assert f"{NAME}/scripts/visualize.py" in names and f"{NAME}/scripts/ssl/sampler.py" in names
     assert {f"{NAME}/models/{f}" for f in ("model.pt", "pretrained_backbone.pt", "model.json")} <= set(names)
     assert metadata["version"] == VERSION and VERSION in metadata["changelog"]
     assert metadata["network_data_format"]["outputs"]["pred"]["num_channels"] == 2

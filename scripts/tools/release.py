@@ -47,6 +47,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # The Zoo's `<data>_<modality>_<task>` form: the data are any CT or MRI volumes, so the method names them.
 DEFAULT_NAME = "dhr_ct_mri_pretraining"
 SHIPPED = ("configs", "docs", "scripts", "LICENSE")  # what a Zoo bundle holds besides models/ and large_files.yml
+NOT_SHIPPED = ROOT / "scripts" / "tools"  # the research and release tools: run from a clone, not needed by a Zoo user
 MAX_FILE_BYTES = 1024 * 1024  # the Zoo's pre-commit check-added-large-files (--maxkb=1024)
 ZIP_TIME = (2022, 5, 30, 0, 0, 0)  # the time stamp the Zoo's compress_bundle gives every file
 DEMO_CLASSES = {"0": "CSF", "1": "grey matter", "2": "white matter"}
@@ -163,12 +164,17 @@ def write_zip(folder: Path, zip_path: Path) -> None:
     partial.replace(zip_path)
 
 
+def _left_out(folder: str, names: list[str]) -> set[str]:
+    """What ``shutil.copytree`` leaves out of ``folder``: byte code and `NOT_SHIPPED`."""
+    return {n for n in names if n == "__pycache__" or n.endswith(".pyc") or Path(folder, n) == NOT_SHIPPED}
+
+
 def _copy_bundle(dst: Path) -> None:
-    """Copies what a Zoo bundle ships (configs, docs, scripts, LICENSE) from the repository to ``dst``."""
+    """Copies what a Zoo bundle ships (configs, docs, scripts but its tools, LICENSE) from the repository to ``dst``."""
     for item in SHIPPED:
         source = ROOT / item
         if source.is_dir():
-            shutil.copytree(source, dst / item, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+            shutil.copytree(source, dst / item, ignore=_left_out)
         else:
             shutil.copy2(source, dst / item)
 
