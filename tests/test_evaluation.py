@@ -12,6 +12,7 @@ import torch
 from bundle import monai_bundle_run
 from monai.bundle import ConfigParser
 from monai.data import MetaTensor
+from monai.inferers import SlidingWindowInferer
 from scripts.data.splits import labelled_datalist, split_cases
 from scripts.engine.evaluation import EvaluationSummary, HausdorffDistanceMM
 from scripts.networks.fpn3d import FPN3d
@@ -151,7 +152,12 @@ def test_summary_skips_undefined_values_and_writes_strict_json(tmp_path):
                 "hd95": torch.tensor([[2.0, float("inf")], [4.0, float("nan")]]),
             }
 
-    summary = EvaluationSummary(str(tmp_path / "s.json"), "m.pt")(Engine)
+    window = SlidingWindowInferer([16, 16, 8], overlap=0.5, mode="gaussian")
+    summary = EvaluationSummary(
+        str(tmp_path / "s.json"), "m.pt", {"modality": "ct", "patch_size": [16, 16, 8]}, window
+    )(Engine)
+    assert summary["preprocessing"] == {"modality": "ct", "patch_size": [16, 16, 8]}
+    assert summary["window"] == {"roi_size": [16, 16, 8], "overlap": 0.5, "mode": "gaussian"}
     assert summary["dice_per_class"] == {"1": 0.75, "2": 0.25}
     assert summary["mean_dice"] == pytest.approx(1.75 / 3)
     assert summary["hd95_mm_per_class"] == {"1": 3.0, "2": None}
@@ -180,7 +186,9 @@ def test_evaluate_writes_per_case_csv_summary_overlays_and_logs_to_mlflow(labell
     # The study passes its pretrained_ckpt to evaluation too: every weight must still come from model_file.
     torch.save(FPN3d(1, 4, 3).state_dict(), labelled / "backbone.pt")
     model_file, backbone = str(labelled / "model.pt"), str(labelled / "backbone.pt")
-    result = run_evaluate(labelled, "--tracking", "mlflow", model_file=model_file, pretrained_ckpt=backbone)
+    # a model file without a sidecar: its preprocessing must be given (TINY gives the patch size)
+    keys = {"model_file": model_file, "pretrained_ckpt": backbone, "modality": "mri"}
+    result = run_evaluate(labelled, "--tracking", "mlflow", **keys)
     assert result.returncode == 0, result.stderr[-4000:]
     assert f"Evaluating the trained model {model_file}" in result.stdout
     assert "from scratch" not in result.stdout and "loaded from" not in result.stdout

@@ -28,6 +28,7 @@ import torch
 from bundle import ROOT, monai_bundle_run
 from monai.bundle import create_workflow
 from scripts.data.splits import labelled_datalist, split_cases
+from scripts.engine.weights import save_weights
 from scripts.networks.fpn3d import FPN3d
 from scripts.networks.segmentation import segmentation_network
 from scripts.utils.errors import find_bundle_error
@@ -47,8 +48,9 @@ TINY = {
     "pretrain": {**NETWORK, "pairs_per_volume": 2, "voxels_per_pair": 32, "epochs": 1, "epoch_length": 1},
     # 3 cases, 3 folds, no validation: fold 0 tests one case and trains on the other two
     "train": {**NETWORK, "num_classes": 2, "num_folds": 3, "num_val_cases": 0, "epochs": 1, "epoch_length": 1},
-    "evaluate": {**NETWORK, "num_folds": 3},
-    "inference": dict(NETWORK),
+    # the rows' models are plain state dicts: their preprocessing is given (shapes cannot tell it)
+    "evaluate": {**NETWORK, "num_folds": 3, "modality": "mri"},
+    "inference": {**NETWORK, "modality": "mri"},
 }
 TINY["linear_eval"] = TINY["train"]
 CLI = True  # the row runs through `python -m monai.bundle run` and checks the last line of stderr
@@ -57,7 +59,7 @@ CLI = True  # the row runs through `python -m monai.bundle run` and checks the l
 @dataclass
 class Case:
     id: str
-    item: int  # of issue 10
+    item: int  # the item of issue 10 that asked for it; 15 for the rows of issue 15
     workflow: str
     make: Callable[[Path], dict]  # writes the input under the folder, returns the row's keys
     expected: str  # part of the BundleError's message, the last line of stderr
@@ -147,13 +149,21 @@ def another_run(tmp: Path) -> dict:
     return keys
 
 
-def locked(tmp: Path) -> dict:
+def locked(tmp: Path, data: Callable[[Path], dict] = volumes) -> dict:
     """`out/run.lock` held as another process holds it: an flock on its own open file, with that PID inside."""
     (tmp / "out").mkdir()
     fd = os.open(tmp / "out/run.lock", os.O_RDWR | os.O_CREAT)
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # flock conflicts between open files, also of one process
     os.write(fd, b"4242\n")
-    return volumes(tmp)
+    return data(tmp)
+
+
+def model_of_fold(tmp: Path, fold: int) -> Path:
+    """A trained model whose sidecar records that its training tested on fold `fold` of the rows' 3 folds."""
+    info = {"kind": "segmentation", "in_channels": 1, "base_channels": 4, "num_scales": 3, "num_classes": 2}
+    info |= {"head": "linear", "modality": "mri", "patch_size": [16, 16, 8], "fold": fold, "num_folds": 3, "seed": 0}
+    save_weights(segmentation_network(2, 4, 3).state_dict(), tmp / "model.pt", info)
+    return tmp / "model.pt"
 
 
 def unwritable(tmp: Path, keys: dict) -> dict:
@@ -559,6 +569,38 @@ CASES = [
         "inference",
         lambda t: images(t, model_file=backbone(t)),
         "backbone.pt is a pretrained backbone, not a trained segmentation model",
+    ),
+    # -- 15: a model is evaluated with its own preprocessing and test split; one downstream run per folder
+    Case(
+        "evaluate model_file that does not record its preprocessing",
+        15,
+        "evaluate",
+        lambda t: labelled(t, model_file=model(t), modality=None),
+        "does not record its modality (tensor shapes), and a default could differ from what it was trained with: "
+        "give --modality as in its training",
+    ),
+    Case(
+        "evaluate on another fold than the model's training",
+        15,
+        "evaluate",
+        lambda t: labelled(t, model_file=model_of_fold(t, fold=1)),
+        "was trained with another test split than this evaluation's (fold 1 there and 0 here): its test cases would "
+        "include cases it trained on",
+    ),
+    Case(
+        "train output_dir in use by another run",
+        15,
+        "train",
+        lambda t: locked(t, labelled),
+        "is in use by another run (PID 4242; lock file",
+        after=nothing_trained,
+    ),
+    Case(
+        "evaluate while another run holds output_dir",
+        15,
+        "evaluate",
+        lambda t: locked(t, lambda t: labelled(t, model_file=model(t))),
+        "is in use by another run (PID 4242; lock file",
     ),
     Case(
         "inference num_classes that contradicts model_file",

@@ -15,7 +15,15 @@ from scripts.networks.segmentation import segmentation_network
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = ROOT / "tests" / "schema" / "meta_schema_20240725.json"
-TINY = {"patch_size": [16, 16, 8], "base_channels": 4, "num_scales": 3, "num_classes": 2, "num_workers": 0}
+# the models here are plain state dicts: their preprocessing is given, as their shapes cannot tell it
+TINY = {
+    "patch_size": [16, 16, 8],
+    "modality": "mri",
+    "base_channels": 4,
+    "num_scales": 3,
+    "num_classes": 2,
+    "num_workers": 0,
+}
 SHAPE = (20, 26, 14)
 # Axes permuted and flipped (neither RAS nor axis-aligned with it) and anisotropic: preprocessing reorients and
 # resamples to the 1.5 mm MRI preset, so masks only come back onto this grid if the inversion is right.

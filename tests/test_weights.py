@@ -5,8 +5,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from ignite.engine import Engine, Events
 from monai.bundle import ConfigParser
-from scripts.engine.weights import read_info, resolve, save_weights, sidecar
+from scripts.engine.weights import (
+    ModelSaver,
+    check_test_split,
+    read_info,
+    remove_weights,
+    resolve,
+    save_weights,
+    sidecar,
+)
 from scripts.networks.fpn3d import FPN3d
 from scripts.networks.segmentation import segmentation_network
 from scripts.utils.errors import BundleError, find_bundle_error
@@ -120,3 +129,72 @@ def test_train_yaml_stops_on_a_size_key_that_contradicts_the_backbone(tmp_path):
         parser.get_parsed_content("network_def")
     assert "--num_scales 5 contradicts pretrained_ckpt" in str(find_bundle_error(error.value))
     assert "num_scales 4 according to its tensor shapes" in str(find_bundle_error(error.value))
+
+
+def _seg_info(**extra):
+    return {"kind": "segmentation", "in_channels": 1, "base_channels": 4, "num_scales": 3, "num_classes": 2} | extra
+
+
+def test_a_failed_save_leaves_the_earlier_pair_whole(tmp_path, monkeypatch):
+    path = tmp_path / "model.pt"
+    save_weights(segmentation_network(2, 4, 3).state_dict(), path, _seg_info(modality="ct"))
+    before = path.read_bytes()
+
+    def disk_full(obj, f, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError):
+        save_weights(segmentation_network(2, 4, 3).state_dict(), path, _seg_info(modality="mri"))
+    assert path.read_bytes() == before and read_info(path)["modality"] == "ct"
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_model_saver_keeps_the_best_validation_or_the_final_weights(tmp_path):
+    network = segmentation_network(2, 4, 3)
+    path, values, saved = tmp_path / "model.pt", iter([0.2, 0.5, 0.3]), []
+    validator = Engine(lambda engine, batch: None)
+
+    @validator.on(Events.EPOCH_COMPLETED)
+    def validate(engine):  # as MONAI's evaluators: the key metric of this validation
+        engine.state.key_metric_name = "val_mean_dice"
+        engine.state.metrics["val_mean_dice"] = next(values)
+
+    ModelSaver(network, path, _seg_info(modality="ct"), best=True).attach(validator)
+    validator.add_event_handler(Events.EPOCH_COMPLETED, lambda e: saved.append(read_info(path)["selected"]))
+    validator.run([0], max_epochs=3)
+    assert [s["value"] for s in saved] == [0.2, 0.5, 0.5], "only a better validation replaces the model"
+    assert read_info(path) == _seg_info(modality="ct", selected=saved[-1], epoch=2)
+
+    trainer = Engine(lambda engine, batch: None)
+    ModelSaver(network, tmp_path / "final.pt", _seg_info(modality="mri")).attach(trainer)
+    trainer.run([0, 1], max_epochs=3)
+    assert read_info(tmp_path / "final.pt") == _seg_info(modality="mri", selected="final", epoch=3)
+    network.load_state_dict(torch.load(tmp_path / "final.pt", weights_only=True), strict=True)
+
+
+def test_a_run_removes_the_earlier_runs_model_before_it_writes_its_own(tmp_path):
+    path = tmp_path / "model.pt"
+    save_weights(segmentation_network(2, 4, 3).state_dict(), path, _seg_info(modality="mri", selected={"value": 1}))
+    remove_weights(path)
+    assert not path.exists() and not sidecar(path).exists()
+    remove_weights(path)  # nothing there: nothing to do
+
+
+def test_a_segmentation_file_without_its_preprocessing_is_refused(tmp_path):
+    torch.save(segmentation_network(2, 4, 3).state_dict(), tmp_path / "model.pt")  # no sidecar
+    defaults = {**DEFAULTS, "head": "linear"}
+    with pytest.raises(BundleError, match=r"does not record its modality and patch_size .*--modality --patch_size"):
+        resolve(tmp_path / "model.pt", "segmentation", defaults)
+    given = {"modality": "ct", "patch_size": [16, 16, 8]}
+    settings = resolve(tmp_path / "model.pt", "segmentation", defaults, given)
+    assert settings["modality"] == "ct" and settings["num_classes"] == 2  # given, and read from the shapes
+
+
+def test_evaluation_on_another_test_split_than_the_training_is_refused(tmp_path):
+    path = tmp_path / "model.pt"
+    split = {"fold": 1, "num_folds": 3, "seed": 0, "datalist_sha256": "abc"}
+    save_weights(segmentation_network(2, 4, 3).state_dict(), path, _seg_info(modality="ct", **split))
+    check_test_split(path, **split)
+    with pytest.raises(BundleError, match=r"fold 1 there and 0 here; datalist_sha256 'abc' there and 'def' here"):
+        check_test_split(path, **{**split, "fold": 0, "datalist_sha256": "def"})

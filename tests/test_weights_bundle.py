@@ -6,6 +6,7 @@ import nibabel as nib
 import pytest
 import torch
 from bundle import monai_bundle_run
+from scripts.data.splits import datalist_digest, labelled_datalist
 from scripts.engine.weights import read_info, sidecar
 from scripts.networks.fpn3d import FPN3d
 from test_train_bundle import write_cases
@@ -32,6 +33,8 @@ def trained(tmp_path_factory):
 
 def test_the_model_file_carries_its_description(trained):
     model = trained / "train/model.pt"
+    info = read_info(model)
+    assert info["epoch"] == 1 and 0 <= info["selected"]["value"] <= 1  # SHORT: one epoch, validated once
     assert (
         json.loads(sidecar(model).read_text())
         == read_info(model)
@@ -46,6 +49,14 @@ def test_the_model_file_carries_its_description(trained):
             "head": "linear",
             "method": None,
             "pretrained_ckpt": str(trained / "vox2vec.pt"),
+            # the test split of its training, which evaluation checks, and which weights these are
+            "fold": 0,
+            "num_folds": 5,
+            "seed": 0,
+            "num_train_cases": None,
+            "datalist_sha256": datalist_digest(labelled_datalist(trained / "data")),
+            "selected": {"metric": "val_mean_dice", "value": info["selected"]["value"]},
+            "epoch": info["epoch"],
         }
     )
 

@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from monai.data import MetaTensor
+from monai.inferers import SlidingWindowInferer
 from monai.metrics import HausdorffDistanceMetric
 from monai.transforms import Orientation
 from monai.utils import ImageMetaKey, convert_to_numpy, convert_to_tensor
@@ -128,7 +130,8 @@ class EvaluationSummary:
     ``[hd_metric]`` (each (N cases, C classes)), adds ``<name>_<c>`` (c = 1..C) to ``engine.state.metrics`` and
     writes::
 
-        {"model_file", "num_cases", "mean_dice", "dice_per_class": {"1": ..}, "mean_hd95_mm", "hd95_mm_per_class",
+        {"model_file", "preprocessing": {"modality", "patch_size"}, "window": {"roi_size", "overlap", "mode"},
+         "num_cases", "mean_dice", "dice_per_class": {"1": ..}, "mean_hd95_mm", "hd95_mm_per_class",
          "hd95_undefined_per_class"}
 
     and, beside it, ``<metric>_raw.csv`` and ``<metric>_summary.csv`` for both metrics (`write_metric_csvs`) with the
@@ -141,13 +144,25 @@ class EvaluationSummary:
     Args:
         output_file: path of the JSON file; its folder is created and holds the CSVs.
         model_file: the evaluated checkpoint, recorded in the summary.
+        preprocessing: the preprocessing the cases went through (``modality``, ``patch_size``), recorded.
+        inferer: the sliding-window inferer of the evaluator, whose window is recorded.
         dice_metric: name of the Dice metric (with ``save_details``) in the evaluator.
         hd_metric: name of the HD95 metric (with ``save_details``) in the evaluator.
     """
 
-    def __init__(self, output_file: str, model_file: str, dice_metric: str = "dice", hd_metric: str = "hd95") -> None:
+    def __init__(
+        self,
+        output_file: str,
+        model_file: str,
+        preprocessing: Mapping[str, Any],
+        inferer: SlidingWindowInferer,
+        dice_metric: str = "dice",
+        hd_metric: str = "hd95",
+    ) -> None:
         self.output_file = output_file
         self.model_file = model_file
+        self.preprocessing = dict(preprocessing)
+        self.window = {"roi_size": list(inferer.roi_size), "overlap": inferer.overlap, "mode": str(inferer.mode)}
         self.dice_metric = dice_metric
         self.hd_metric = hd_metric
         self._filenames: list[str] = []
@@ -172,6 +187,8 @@ class EvaluationSummary:
         classes = [str(c + 1) for c in range(dice.shape[1])]
         summary = {
             "model_file": os.path.abspath(self.model_file),
+            "preprocessing": self.preprocessing,
+            "window": self.window,
             "num_cases": int(dice.shape[0]),
             "mean_dice": _mean(dice),
             "dice_per_class": {c: _mean(dice[:, i]) for i, c in enumerate(classes)},

@@ -47,6 +47,7 @@ __all__ = [
     "rng_states",
     "set_rng_states",
     "RunLock",
+    "lock_output_dir",
     "RunFolder",
     "CheckpointSaver",
     "CheckpointLoader",
@@ -183,6 +184,14 @@ class RunLock:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._held[self.path] = fd
+
+
+def lock_output_dir(output_dir: str | os.PathLike) -> None:
+    """Takes the :class:`RunLock` of a downstream workflow's ``output_dir`` (rank 0): a second run into the same folder
+    is refused instead of writing another model beside this one's description."""
+    if is_main():
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        RunLock(Path(output_dir) / "run.lock").acquire()
 
 
 def _jsonable(value: Any) -> Any:

@@ -6,15 +6,19 @@ it records the architecture and the preprocessing the weights were trained with,
     {"kind": "backbone", "in_channels": 1, "base_channels": 32, "num_scales": 5, "modality": "mri",
      "patch_size": [128, 128, 32], "method": "dhr"}
 
-Segmentation files add ``num_classes``, ``head`` and ``pretrained_ckpt``. Files without a sidecar (the authors'
-releases) are described by what their tensor shapes tell (:func:`infer_info`). Downstream workflows take their keys
-from the weights they build on through :func:`resolve`.
+Segmentation files add ``num_classes``, ``head``, ``pretrained_ckpt``, the test split of their training (``fold``,
+``num_folds``, ``seed``, ``datalist_sha256``) and which weights were kept (``selected``, ``epoch``); they are
+written by :class:`ModelSaver` alone. Backbones without a sidecar (the authors' releases) are described by what their
+tensor shapes tell (:func:`infer_info`); a segmentation file without one needs its preprocessing given, since shapes
+cannot tell it. Downstream workflows take their keys from the weights they build on through :func:`resolve`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -22,21 +26,24 @@ from typing import Any
 
 import torch
 from ignite.engine import Engine, Events
-from scripts.utils.distributed import is_main
+from scripts.utils.distributed import is_main, unwrap
 from scripts.utils.errors import BundleError
 from torch import Tensor
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "BACKBONE_KEYS",
     "SEGMENTATION_KEYS",
     "sidecar",
-    "write_info",
     "save_weights",
     "infer_info",
     "read_info",
     "matches",
     "resolve",
-    "WriteInfo",
+    "ModelSaver",
+    "remove_weights",
+    "check_test_split",
 ]
 
 # What a backbone's description holds beside its kind, and what a segmentation model's adds.
@@ -44,6 +51,8 @@ BACKBONE_KEYS = ("in_channels", "base_channels", "num_scales", "modality", "patc
 SEGMENTATION_KEYS = (*BACKBONE_KEYS, "num_classes", "head")
 # The config key that names the weight file of each kind, for messages.
 _FILE_KEY = {"backbone": "pretrained_ckpt", "segmentation": "model_file"}
+# What a trained model must be evaluated and applied with, which its tensor shapes cannot tell.
+_PREPROCESSING_KEYS = ("modality", "patch_size")
 
 
 def sidecar(path: str | os.PathLike) -> Path:
@@ -51,26 +60,27 @@ def sidecar(path: str | os.PathLike) -> Path:
     return Path(path).with_suffix(".json")
 
 
-def _replace(path: Path, write) -> None:
-    """Writes ``path`` through a temporary file in the same folder and renames it: a crash leaves the old file."""
-    partial = path.with_name(path.name + ".partial")
-    write(partial)
-    os.replace(partial, path)
-
-
-def write_info(path: str | os.PathLike, info: Mapping) -> None:
-    """Writes ``info`` to the sidecar of the weight file ``path``, atomically."""
-    meta = sidecar(path)
-    meta.parent.mkdir(parents=True, exist_ok=True)
-    _replace(meta, lambda p: p.write_text(json.dumps(dict(info), indent=2) + "\n"))
-
-
 def save_weights(state_dict: Mapping[str, Tensor], path: str | os.PathLike, info: Mapping) -> None:
-    """Saves ``state_dict`` to ``path`` and ``info`` to its sidecar, each atomically (sidecar last)."""
-    path = Path(path)
+    """Saves ``state_dict`` to ``path`` and ``info`` to its sidecar: both, or neither with a description.
+
+    Both files are written completely under temporary names first. Then the old sidecar is removed, the weights
+    renamed into place, and the new sidecar last: a crash at any point leaves the old pair, or weights without a
+    sidecar (which the workflows refuse, see :func:`resolve`), or the new pair, never weights described by another
+    file's sidecar.
+    """
+    path, meta = Path(path), sidecar(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _replace(path, lambda p: torch.save(dict(state_dict), p))
-    write_info(path, info)
+    partials = path.with_name(path.name + ".partial"), meta.with_name(meta.name + ".partial")
+    try:
+        torch.save(dict(state_dict), partials[0])
+        partials[1].write_text(json.dumps(dict(info), indent=2) + "\n")
+    except BaseException:
+        for partial in partials:
+            partial.unlink(missing_ok=True)
+        raise
+    meta.unlink(missing_ok=True)
+    os.replace(partials[0], path)
+    os.replace(partials[1], meta)
 
 
 def infer_info(state_dict: Mapping[str, Tensor], prefix: str = "") -> dict:
@@ -179,6 +189,13 @@ def resolve(
                 f"{given[key]!r}"
             )
         settings[key] = list(value) if isinstance(value, tuple) else value
+    unknown = [k for k in _PREPROCESSING_KEYS if kind == "segmentation" and recorded and k not in {**recorded, **given}]
+    if unknown:
+        raise BundleError(
+            f"model_file {file} does not record its {' and '.join(unknown)} ({source}), and a default could differ "
+            f"from what it was trained with: give {' '.join(f'--{k}' for k in unknown)} as in its training, or use a "
+            f"model file written by this bundle (with its sidecar {sidecar(file).name})"
+        )
     return settings
 
 
@@ -198,26 +215,77 @@ def _described(file: str | os.PathLike, kind: str) -> tuple[dict, str]:
     return {k: info[k] for k in keys if info.get(k) is not None}, source
 
 
-class WriteInfo:
-    """Ignite/MONAI handler: writes the sidecar of the weight file ``path`` each time the engine's epoch completes and
-    the file exists.
+class ModelSaver:
+    """Ignite handler that writes a workflow's trained model: ``path`` (a plain state dict of ``network``) with its
+    sidecar, through :func:`save_weights`, so the weights and their description are always written together.
 
-    Attach it after MONAI's `CheckpointSaver` (handlers run in the order they attach): that saver writes the plain
-    state dict and has no hook for a sidecar. Its first save of a run always happens at the first validation (any
-    score beats none), so the sidecar never describes another run's file for longer than one validation.
+    Attached to the validation's evaluator with ``best=True``, it saves whenever a validation gives the best key metric
+    so far; attached to the trainer with ``best=False``, it saves the final weights when training completes. The
+    sidecar records ``selected``: ``{"epoch", "metric", "value"}`` of the validation that picked the weights, or
+    ``"final"`` (with ``epoch``). Rank 0 alone writes.
 
     Args:
-        path: the weight file described.
-        info: its description (see the module docstring).
+        network: the trained network (a DDP wrapper is unwrapped).
+        path: the model file, e.g. ``<output_dir>/model.pt``; its sidecar is ``<output_dir>/model.json``.
+        info: the description (see the module docstring).
+        best: keep the best validation's weights (attach to the evaluator) rather than the final ones (the trainer).
     """
 
-    def __init__(self, path: str | os.PathLike, info: Mapping) -> None:
+    def __init__(self, network: torch.nn.Module, path: str | os.PathLike, info: Mapping, best: bool = False) -> None:
+        self.network = network
         self.path = Path(path)
         self.info = dict(info)
+        self.best = best
+        self.best_value = -math.inf
 
     def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+        engine.add_event_handler(Events.EPOCH_COMPLETED if self.best else Events.COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
-        if self.path.is_file() and is_main():  # rank 0 alone writes files
-            write_info(self.path, self.info)
+        # a validation run's epoch is the trainer's (MONAI's Evaluator.run(global_epoch))
+        selected: str | dict = "final"
+        if self.best:
+            name = engine.state.key_metric_name
+            value = float(engine.state.metrics[name])
+            if not value > self.best_value:
+                return
+            self.best_value = value
+            selected = {"metric": name, "value": value}
+        if is_main():
+            info = {**self.info, "selected": selected, "epoch": engine.state.epoch}
+            save_weights(unwrap(self.network).state_dict(), self.path, info)
+
+
+def remove_weights(path: str | os.PathLike) -> None:
+    """Removes the weight file ``path`` and its sidecar if they exist (rank 0): a run that will write its own model
+    there starts without an earlier run's, so that until its first save it has no model rather than another one."""
+    if is_main():
+        for file in (sidecar(path), Path(path)):
+            if file.is_file():
+                logger.info(f"Removing {file}, an earlier run's: this run writes its own model there")
+                file.unlink()
+
+
+def check_test_split(model_file: str | os.PathLike, **split: Any) -> None:
+    """Refuses to evaluate ``model_file`` on another test split than the one its training set aside.
+
+    The test cases follow from ``fold``, ``num_folds``, ``seed`` and the labelled datalist (``datalist_sha256``, see
+    `scripts.data.splits.datalist_digest`); with other values, some of them would be training cases of the model.
+    Keys the model's sidecar does not record are not checked.
+
+    Raises:
+        BundleError: naming every differing key with both values.
+    """
+    recorded = read_info(model_file) if Path(model_file).is_file() else {}
+    differences = [
+        f"{key} {recorded[key]!r} there and {value!r} here"
+        for key, value in split.items()
+        if recorded.get(key) is not None and not matches(recorded[key], value)
+    ]
+    if differences:
+        raise BundleError(
+            f"model_file {model_file} was trained with another test split than this evaluation's ("
+            + "; ".join(differences)
+            + "): its test cases would include cases it trained on. Give the data keys of its training run "
+            "(--dataset_dir, --fold, --num_folds, --seed) with the same, unchanged labelled data."
+        )
