@@ -11,11 +11,13 @@ Accepted inputs: a plain `FPN3d` state dict (vox2vec's release), a PyTorch Light
 ``{"state_dict": ...}`` (DHR's release), keys prefixed ``backbone.`` (a full pretraining checkpoint; the heads are
 dropped), this bundle's own training checkpoint ``{"network": ...}``, and a checkpoint folder (its newest
 ``checkpoint_iteration=N.pt``, looked for in the folder and in its ``checkpoints/``). A leading ``module.``
-(DataParallel) is stripped. The modality preset, patch size and method come from a bundle checkpoint's run identity
-(an ``identity`` or ``run`` entry) when it has one, else from the options; what neither tells is recorded as null.
+(DataParallel) is stripped. The modality preset, patch size and method come from SRC's ``.json`` sidecar (a weight file
+of this bundle) or a bundle checkpoint's run identity (an ``identity`` or ``run`` entry) when it has one, else from the
+options; what none tells is recorded as null. DST may not be SRC, nor share its sidecar.
 """
 
 import argparse
+import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -23,7 +25,7 @@ from pathlib import Path
 
 import torch
 from scripts.engine.training import latest_checkpoint
-from scripts.engine.weights import infer_info, matches, save_weights
+from scripts.engine.weights import infer_info, matches, save_weights, sidecar
 from scripts.networks.fpn3d import FPN3d
 from scripts.utils import log
 from scripts.utils.errors import BundleError
@@ -135,13 +137,43 @@ def checkpoint_file(src: str | os.PathLike) -> Path:
     return Path(found)
 
 
+_RUN_KEYS = ("modality", "patch_size", "method")
+"""What a backbone's sidecar records beyond the architecture, which the tensor shapes tell."""
+
+
 def _run_identity(checkpoint: Mapping) -> dict:
     """Modality preset, patch size and method recorded in a bundle checkpoint's ``identity`` or ``run`` entry."""
     for entry in ("identity", "run"):
         identity = checkpoint.get(entry)
         if isinstance(identity, Mapping):
-            return {k: identity[k] for k in ("modality", "patch_size", "method") if identity.get(k) is not None}
+            return {k: identity[k] for k in _RUN_KEYS if identity.get(k) is not None}
     return {}
+
+
+def _sidecar_fields(path: Path) -> dict:
+    """Modality preset, patch size and method recorded in the sidecar of a weight file of this bundle (a backbone or a
+    segmentation model); empty without a sidecar.
+
+    Raises:
+        BundleError: naming the sidecar, when it is not valid JSON.
+    """
+    meta = sidecar(path)
+    if not meta.is_file():
+        return {}
+    try:
+        info = json.loads(meta.read_text())
+    except ValueError as err:
+        raise BundleError(f"{meta}, the sidecar of {path}, is not valid JSON ({err}): fix or delete it") from err
+    return {k: info[k] for k in _RUN_KEYS if info.get(k) is not None}
+
+
+def _refuse_overwriting(src: Path, dst: Path) -> None:
+    """Stops before anything is written when writing ``dst`` would replace ``src`` or its sidecar: the same file (also
+    through a symbolic link), or a name sharing the sidecar (``x.pt`` and ``x.pth`` both have ``x.json``)."""
+    if dst.resolve() == src.resolve() or sidecar(dst).resolve() == sidecar(src).resolve():
+        raise BundleError(
+            f"{dst} would overwrite the source {src} or its sidecar {sidecar(src)}: give another destination file"
+        )
 
 
 def import_backbone(src: str | os.PathLike, dst: str | os.PathLike, **given) -> dict:
@@ -152,26 +184,33 @@ def import_backbone(src: str | os.PathLike, dst: str | os.PathLike, **given) -> 
         src: weight file, checkpoint or checkpoint folder.
         dst: the plain `FPN3d` state dict to write.
         given: ``base_channels``, ``num_scales`` (checked against the file), ``modality``, ``patch_size``, ``method``
-            (checked against a run identity in the file, else recorded); None for not given.
+            (checked against ``src``'s sidecar and a run identity in the file, else recorded); None for not given.
 
     Raises:
-        BundleError: when ``src`` holds no readable backbone or contradicts a given value (both values named).
+        BundleError: when ``src`` holds no readable backbone, contradicts a given value (both values named), or
+            ``dst`` would overwrite ``src`` or its sidecar (found before anything is written).
     """
     path = checkpoint_file(src)
+    _refuse_overwriting(path, Path(dst))
     try:
         checkpoint = _read_checkpoint(path)
         state = _backbone_state(path, checkpoint)
     except (FileNotFoundError, ValueError) as err:
         raise BundleError(str(err)) from err
-    recorded = {**infer_info(state), **_run_identity(checkpoint)}
-    for key, value in given.items():
-        if value is None or recorded.get(key) is None:
-            continue
-        if not matches(value, recorded[key]):
-            raise BundleError(
-                f"--{key} {value!r} contradicts {path}, whose weights have {key} {recorded[key]!r}: leave out --{key}"
-            )
-    info = {"kind": "backbone", **dict.fromkeys(("modality", "patch_size", "method"))}
+    described = {  # what the file records, by where it is recorded (named in messages)
+        f"sidecar {sidecar(path)}": _sidecar_fields(path),
+        "run identity": _run_identity(checkpoint),
+        "tensor shapes": infer_info(state),
+    }
+    for source, fields in described.items():
+        for key, value in given.items():
+            if value is not None and key in fields and not matches(value, fields[key]):
+                raise BundleError(
+                    f"--{key} {value!r} contradicts {path} ({key} {fields[key]!r} according to its {source}): "
+                    f"leave out --{key}"
+                )
+    recorded = {key: value for fields in described.values() for key, value in fields.items()}
+    info = {"kind": "backbone", **dict.fromkeys(_RUN_KEYS)}
     info |= {k: v for k, v in given.items() if v is not None} | recorded
     if info["patch_size"] is not None:
         info["patch_size"] = list(info["patch_size"])

@@ -1,6 +1,7 @@
 """The preprocessed-volume cache: entries, keys, atomic writes, and the per-file checks of bad input (issue 10)."""
 
 import json
+import logging
 import os
 import re
 import warnings
@@ -96,11 +97,12 @@ def test_suspicious_resampling_is_warned_about_by_name(tmp_path):
     assert all(r.filename.endswith(os.path.join("scripts", "data", "cache.py")) for r in w), [r.filename for r in w]
 
 
-def test_empty_and_constant_volumes_are_skipped_with_a_warning(tmp_path):
+def test_empty_and_constant_volumes_are_skipped_with_a_warning(tmp_path, caplog):
     good = _save(_phantom()[0], tmp_path / "good.nii.gz")
     air = np.random.default_rng(0).uniform(-170, -60, (20, 20, 6)).astype(np.float32)  # below the body threshold
     empty = _save(air, tmp_path / "air.nii.gz")
     constant = _save(np.full((20, 20, 6), 40.0, np.float32), tmp_path / "constant.nii.gz")
+    caplog.set_level(logging.INFO, logger="scripts")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         entries = _prepare(tmp_path, [empty, good, constant])
@@ -108,6 +110,9 @@ def test_empty_and_constant_volumes_are_skipped_with_a_warning(tmp_path):
     assert any(re.search(rf"Skipping {re.escape(empty)}: no body voxels", m) for m in messages), messages
     assert any(re.search(rf"Skipping {re.escape(constant)}: its intensity is constant", m) for m in messages)
     assert [os.path.basename(e).split("-")[0] for e in entries] == ["good"]
+    folder = os.path.dirname(entries[0])
+    summary = f"using 1 of 3 volumes (2 skipped: {empty}, {constant}; see the warnings); cache folder {folder}"
+    assert summary in caplog.messages
     assert len(_entries(tmp_path)) == 3, "skipped volumes are remembered, not preprocessed again"
     with pytest.warns(VolumeWarning), pytest.raises(BundleError, match="None of the 1 volumes is usable"):
         _prepare(tmp_path, [constant])

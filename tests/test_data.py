@@ -1,4 +1,5 @@
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -69,6 +70,21 @@ def test_datalist_from_nifti_folder_is_recursive_and_sorted(tmp_path):
         (tmp_path / name).touch()
     expected = sorted(str(tmp_path / n) for n in ("b.nii.gz", "sub/a.nii", "sub/deeper/c.nii.gz"))
     assert load_datalist(str(tmp_path)) == [{"image": e} for e in expected]
+
+
+def test_datalist_from_nifti_folder_follows_links_without_looping(tmp_path, caplog):
+    dataset, elsewhere = tmp_path / "dataset", tmp_path / "elsewhere"
+    for name in ("dataset/own.nii.gz", "elsewhere/sub/linked.nii", "elsewhere/file.nii.gz"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).touch()
+    (dataset / "more").symlink_to(elsewhere / "sub", target_is_directory=True)
+    (dataset / "loop").symlink_to(dataset, target_is_directory=True)  # a link to an ancestor
+    (dataset / "file.nii.gz").symlink_to(elsewhere / "file.nii.gz")
+    (dataset / "broken.nii.gz").symlink_to(tmp_path / "deleted.nii.gz")
+    caplog.set_level(logging.INFO, logger="scripts")
+    expected = [str(dataset / n) for n in ("file.nii.gz", "more/linked.nii", "own.nii.gz")]
+    assert load_datalist(dataset) == [{"image": e} for e in expected]
+    assert f"found 3 volumes in {dataset} (left out 1 broken link(s): {dataset / 'broken.nii.gz'})" in caplog.messages
 
 
 def test_datalist_errors_name_the_path(tmp_path):

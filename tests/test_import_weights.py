@@ -1,11 +1,12 @@
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from scripts.engine.weights import read_info, sidecar
+from scripts.engine.weights import read_info, save_weights, sidecar
 from scripts.import_weights import extract_backbone_state, import_backbone, load_backbone, main
 from scripts.networks.fpn3d import FPN3d, dhr_network
 from scripts.utils.errors import BundleError
@@ -137,3 +138,33 @@ def test_checkpoint_folder_gives_its_newest_checkpoint_and_run_identity(authors_
 def test_empty_folder_is_named(tmp_path):
     with pytest.raises(BundleError, match=f"{tmp_path} holds no checkpoint_iteration=N.pt"):
         import_backbone(tmp_path, tmp_path / "out.pt")
+
+
+BUNDLE_INFO = {"kind": "backbone", "in_channels": 1, "base_channels": 8, "num_scales": 3}
+BUNDLE_INFO |= {"modality": "ct", "patch_size": [16, 16, 8], "method": "dhr"}
+
+
+def test_a_bundle_backbone_keeps_its_sidecar_through_an_import(authors_state, tmp_path):
+    src, dst = tmp_path / "pretrained_backbone.pt", tmp_path / "copy" / "backbone.pt"
+    save_weights(authors_state, src, BUNDLE_INFO)
+    assert import_backbone(src, dst, modality="ct") == BUNDLE_INFO  # a given value that agrees is accepted
+    assert read_info(dst) == BUNDLE_INFO
+    saved = torch.load(dst, weights_only=True)
+    assert saved.keys() == authors_state.keys()
+    assert all(torch.equal(saved[k], v) for k, v in authors_state.items())
+    contradiction = f"--method 'vox2vec' contradicts {src} (method 'dhr' according to its sidecar {sidecar(src)})"
+    with pytest.raises(BundleError, match=re.escape(contradiction)):
+        import_backbone(src, tmp_path / "other.pt", method="vox2vec")
+
+
+def test_the_source_and_its_sidecar_are_never_written_over(authors_state, tmp_path):
+    src = tmp_path / "backbone.pt"
+    save_weights(authors_state, src, BUNDLE_INFO)
+    before = src.read_bytes(), sidecar(src).read_text()
+    (tmp_path / "link.pt").symlink_to(src)
+    for dst in (src, tmp_path / "link.pt", tmp_path / "backbone.pth"):  # itself, through a link, sharing its sidecar
+        refusal = f"{dst} would overwrite the source {src} or its sidecar {sidecar(src)}"
+        with pytest.raises(BundleError, match=re.escape(refusal)):
+            import_backbone(src, dst)
+    assert (src.read_bytes(), sidecar(src).read_text()) == before
+    assert not (tmp_path / "backbone.pth").exists()

@@ -1,6 +1,7 @@
 """configs/inference.json: masks on the input's grid, monai.bundle.load, verify_net_in_out, TorchScript."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -11,7 +12,9 @@ import pytest
 import torch
 from bundle import monai_bundle_run
 from monai.bundle import ConfigParser, verify_net_in_out
+from scripts.data.inference_inputs import mask_root, segmentation_inputs
 from scripts.networks.segmentation import segmentation_network
+from scripts.utils.errors import BundleError
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = ROOT / "tests" / "schema" / "meta_schema_20240725.json"
@@ -127,6 +130,49 @@ def test_masks_land_on_the_structures_of_the_input_grid(images, tmp_path):
     for c, blob in ((1, shell), (2, core)):
         dice = 2 * ((mask == c) & blob).sum() / ((mask == c).sum() + blob.sum())
         assert dice > 0.85, f"class {c}: Dice {dice:.3f} with the structure it was predicted from"
+
+
+def test_same_named_scans_in_two_sub_folders_get_a_mask_each_on_their_own_grid(images, tmp_path):
+    tmp, _ = images
+    scan = nib.load(tmp / "images" / "first.nii.gz")
+    sources = {"a": scan, "b": scan.slicer[2:, :, 3:]}  # another shape and origin
+    for folder, source in sources.items():
+        (tmp_path / "in" / folder).mkdir(parents=True)
+        nib.save(source, tmp_path / "in" / folder / "scan.nii.gz")
+    torch.save(ThresholdClassifier().state_dict(), tmp_path / "empty.pt")
+    parser = ConfigParser()
+    parser.read_config(str(ROOT / "configs/inference.json"))
+    keys = {
+        "dataset_dir": str(tmp_path / "in"),
+        "output_dir": str(tmp_path / "out"),
+        "model_file": str(tmp_path / "empty.pt"),
+    }
+    parser.update({**TINY, **keys, "amp": False, "device": "cpu"})
+    parser["network"] = ThresholdClassifier()
+    parser.get_parsed_content("evaluator").run()
+    assert sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*.nii.gz")) == [
+        "a/scan_seg.nii.gz",
+        "b/scan_seg.nii.gz",
+    ]
+    for folder, source in sources.items():
+        mask = nib.load(tmp_path / "out" / folder / "scan_seg.nii.gz")
+        assert mask.shape == source.shape
+        np.testing.assert_allclose(mask.affine, source.affine, atol=1e-5)
+
+
+def test_inputs_that_would_share_a_mask_are_refused_before_any_is_read(tmp_path):
+    for name in ("scans/scan.nii", "scans/scan.nii.gz", "other/x/scan.nii.gz"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).touch()  # not NIfTI: reading one would fail
+    out = tmp_path / "out"
+    clash = f"{tmp_path / 'scans/scan.nii'} and {tmp_path / 'scans/scan.nii.gz'} -> {out / 'scan_seg.nii.gz'}"
+    with pytest.raises(BundleError, match=re.escape(clash)):
+        segmentation_inputs(str(tmp_path / "scans"), "test", str(out))
+    # a datalist's same-named images in different folders: mirrored below the folder they have in common
+    listed = [{"image": "scans/scan.nii.gz"}, {"image": "other/x/scan.nii.gz"}]
+    (tmp_path / "list.json").write_text(json.dumps({"test": listed}))
+    items = segmentation_inputs(str(tmp_path / "list.json"), "test", str(out))
+    assert mask_root(str(tmp_path / "list.json"), items) == str(tmp_path)
 
 
 def test_bundle_load_returns_network_def_with_the_saved_weights(images, tmp_path):

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import mmap
 import os
 import re
@@ -46,6 +47,8 @@ import torch
 from scripts.data.preprocessing import PRESETS, VolumeWarning, preprocessing
 from scripts.utils.distributed import is_main
 from scripts.utils.errors import BundleError
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["CACHE_VERSION", "cache_folder", "entry_name", "open_volume", "prepare_volumes", "write_entry"]
 
@@ -265,13 +268,16 @@ def prepare_volumes(
             f"{len(errors)} of {len(files)} volumes cannot be used; fix or remove them from the datalist:\n"
             + "\n".join(errors)
         )
+    usable = [s["entry"] for s in statuses if not s["skipped"]]
     if is_main():
         _remove_leftovers(folder, datalist, {Path(s["entry"]).name for s in statuses})
         for s in statuses:
             for message in [*s["warnings"], s["skipped"]]:
                 if message:
                     warnings.warn(message, VolumeWarning, stacklevel=1)  # about a file: the caller's line is no help
-    usable = [s["entry"] for s in statuses if not s["skipped"]]
+        skipped = [str(file) for file, s in zip(files, statuses, strict=True) if s["skipped"]]
+        note = f" ({len(skipped)} skipped: {', '.join(skipped)}; see the warnings)" if skipped else ""
+        logger.info(f"using {len(usable)} of {len(files)} volumes{note}; cache folder {folder}")
     if not usable:
         raise BundleError(
             f"None of the {len(files)} volumes is usable for pretraining (see the warnings above): check the "

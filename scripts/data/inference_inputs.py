@@ -7,8 +7,10 @@ folder of hundreds neither stops the others nor goes unnoticed.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
+from monai.data import FolderLayout
 from monai.utils import ensure_tuple
 from scripts.data.preprocessing import load_datalist
 from scripts.data.splits import read_volume
@@ -16,7 +18,7 @@ from scripts.utils.errors import BundleError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["check_inputs", "report_problems", "require_model", "segmentation_inputs"]
+__all__ = ["check_inputs", "mask_root", "report_problems", "require_model", "segmentation_inputs"]
 
 
 def require_model(model_file: str) -> None:
@@ -40,6 +42,10 @@ def segmentation_inputs(source: str, datalist_key: str, output_dir: str, postfix
     (``scan_seg_seg.nii.gz``). Left out are files named ``*_<postfix>.nii[.gz]`` and, when `output_dir` lies inside
     the input folder, every file under `output_dir`. The items left out are counted in a printed line.
 
+    Each mask is written to ``output_dir/<sub-folders>/<name>_<postfix>.nii.gz``, its input's sub-folders below
+    :func:`mask_root`. Inputs that would still share a mask (``scan.nii`` beside ``scan.nii.gz``, an image listed twice)
+    are refused here, before any image is read: one mask would overwrite the other.
+
     Args:
         source: what `scripts.data.preprocessing.load_datalist` reads: a NIfTI folder, a folder with `dataset.json` or
         a datalist.
@@ -48,7 +54,7 @@ def segmentation_inputs(source: str, datalist_key: str, output_dir: str, postfix
         postfix: the masks' name postfix (`SaveImaged`'s ``output_postfix``).
 
     Raises:
-        BundleError: nothing is left to segment.
+        BundleError: nothing is left to segment, or two inputs would share a mask (naming both).
     """
     items = load_datalist(source, datalist_key)
     output = Path(output_dir).expanduser().absolute()
@@ -71,7 +77,39 @@ def segmentation_inputs(source: str, datalist_key: str, output_dir: str, postfix
             f"No images to segment in {source}: all {len(items)} files are masks this bundle writes "
             f"(*_{postfix}.nii[.gz] or under output_dir {output}); point `dataset_dir` at the scans."
         )
+    # SaveImaged's own naming, so that what is checked is what will be written
+    layout = FolderLayout(output_dir, postfix=postfix, extension=".nii.gz", data_root_dir=mask_root(source, kept))
+    inputs_of: dict[str, list[str]] = {}
+    for item in kept:
+        image = _image(item)
+        inputs_of.setdefault(str(layout.filename(subject=image)), []).append(image)
+    clashes = [f"{' and '.join(images)} -> {mask}" for mask, images in inputs_of.items() if len(images) > 1]
+    if clashes:
+        raise BundleError(
+            f"{len(clashes)} mask(s) would be written for more than one input, and all but the last lost: "
+            f"{'; '.join(clashes)}. Rename the inputs (e.g. scan.nii beside scan.nii.gz) or list each image once."
+        )
     return kept
+
+
+def _image(item: dict) -> str:
+    """The file whose name and folder a mask takes (SaveImaged reads the first of several)."""
+    return str(ensure_tuple(item["image"])[0])
+
+
+def mask_root(source: str, items: list[dict]) -> str:
+    """The folder whose sub-folders the masks mirror under ``output_dir`` (`SaveImaged`'s ``data_root_dir``), so that
+    ``a/scan.nii.gz`` and ``b/scan.nii.gz`` get masks of their own, each named after its input: a scanned NIfTI folder
+    itself, or, for a datalist (whose images may lie anywhere), the folder its images have in common.
+
+    Args:
+        source: the `dataset_dir` the items were read from (see :func:`segmentation_inputs`).
+        items: the datalist items to segment.
+    """
+    folder = Path(source).expanduser()
+    if folder.is_dir() and not (folder / "dataset.json").is_file():
+        return str(folder)
+    return os.path.commonpath([os.path.dirname(os.path.abspath(_image(item))) for item in items])
 
 
 def check_inputs(items: list[dict]) -> dict[str, list]:

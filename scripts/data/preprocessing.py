@@ -7,6 +7,7 @@ oriented, resampled, scaled and cropped the same way everywhere (REFERENCE.md §
 from __future__ import annotations
 
 import json
+import logging
 import os
 import warnings
 from collections.abc import Hashable, Mapping, Sequence
@@ -30,7 +31,10 @@ from monai.transforms import (
 )
 from monai.utils import convert_to_dst_type, convert_to_numpy, ensure_tuple
 from scipy import ndimage
+from scripts.utils.distributed import is_main
 from scripts.utils.errors import BundleError, InputNotFoundError, InvalidInputError
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "PRESETS",
@@ -65,12 +69,35 @@ class VolumeWarning(UserWarning):
     """A usable but suspicious input volume (or one skipped); the message names the file."""
 
 
+def _scan_nifti(folder: Path) -> list[str]:
+    """The NIfTI files below ``folder``, sorted, following symbolic links to folders and files (a dataset is often
+    assembled from links). Each real folder is read once, so a link to an ancestor (a loop) or a second link to a
+    folder adds nothing. Paths keep the links' names: inference mirrors them under its output folder. Logs how many
+    volumes were found, and names the broken links among them (left out)."""
+    found, seen = [], set()
+    for root, folders, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            folders.clear()  # do not descend: in place, so that os.walk skips them
+            continue
+        seen.add(real)
+        folders.sort()  # the first of two links to one folder is the one kept, whatever the file system's order
+        found += [os.path.join(root, name) for name in files if name.endswith(_NIFTI_SUFFIXES)]
+    images = sorted(file for file in found if os.path.isfile(file))
+    broken = sorted(set(found) - set(images))
+    note = f" (left out {len(broken)} broken link(s): {', '.join(broken)})" if broken else ""
+    if is_main():
+        logger.info(f"found {len(images)} volumes in {folder}{note}")
+    return images
+
+
 def load_datalist(source: str | os.PathLike, key: str = "training") -> list[dict]:
     """Reads a list of volumes as `[{"image": path, ...}, ...]` with absolute paths.
 
     Args:
         source: an MSD-style datalist JSON file, a folder containing `dataset.json`, or a plain folder of NIfTI files
-            (`*.nii`, `*.nii.gz`, searched recursively, sorted by path), which becomes `[{"image": path}, ...]`.
+            (`*.nii`, `*.nii.gz`, searched recursively through symbolic links, sorted by path), which becomes
+            `[{"image": path}, ...]`.
         key: the list to read from a JSON datalist (e.g. "training", "validation", "test").
 
     Relative paths in a JSON datalist are resolved against the JSON file's folder.
@@ -86,7 +113,7 @@ def load_datalist(source: str | os.PathLike, key: str = "training") -> list[dict
         if (path / "dataset.json").is_file():
             path = path / "dataset.json"
         else:
-            images = sorted(str(p) for p in path.rglob("*") if p.is_file() and p.name.endswith(_NIFTI_SUFFIXES))
+            images = _scan_nifti(path)
             if not images:
                 raise InputNotFoundError(
                     f"No NIfTI files (*.nii, *.nii.gz) and no dataset.json found in {path}: "
