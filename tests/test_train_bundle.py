@@ -131,7 +131,11 @@ def test_patches_are_class_balanced_from_labelled_volumes_cached_in_memory(tmp_p
     set_determinism(seed=0)
     draws = [patch["label"] for _ in range(200) for patch in patches[0]]  # (2, 8, 8, 4) foreground channels each
     contains = torch.stack([channels.flatten(1).amax(1) for channels in draws]).mean(0)  # per class
-    # Each class is a patch centre with p = 0.25; by foreground voxels (RandCropByPosNegLabeld) the tiny organ would
-    # get 8 / 2056 of the foreground half, under 1% of the patches.
+    # Each class is anchored on in 1/4 of the patches (drawn for 1/2 of the volumes, then p = 0.5); by foreground
+    # voxels (RandCropByPosNegLabeld) the tiny organ would get 8 / 2056 of the foreground half, under 1% of them.
     assert contains[1] > 0.18, f"tiny organ in {contains[1]:.1%} of the patches"
     assert contains[1] > 0.5 * contains[0], f"large organ {contains[0]:.1%}, tiny organ {contains[1]:.1%}"
+    # A box is uniform among those holding the anchor voxel, so the tiny organ lies anywhere in the patch; a box
+    # centred on one of its 8 voxels (RandCropByLabelClassesd: 12 places here, with background-centred boxes) does not.
+    places = {tuple(torch.nonzero(channels[1])[0].tolist()) for channels in draws if channels[1].any()}
+    assert len(places) > 30, f"the tiny organ at {len(places)} places in the patches"
