@@ -1,5 +1,3 @@
-# Not MONAI's RandCropByLabelClassesd: it centres each box on a voxel (half of them background); the authors' boxes are
-# uniform among those containing a voxel of one class, or uniform over the volume.
 """Class-balanced training patches of labelled volumes, placed as in the authors' downstream code."""
 
 from __future__ import annotations
@@ -19,6 +17,8 @@ from monai.utils import ImageMetaKey, fall_back_tuple
 __all__ = ["RandClassPatchesd"]
 
 
+# Not MONAI's RandCropByLabelClassesd: it centres each box on a voxel (half of them background); the authors' boxes are
+# uniform among those containing a voxel of one class, or uniform over the volume.
 class RandClassPatchesd(Randomizable, MapTransform, MultiSampleTrait):
     """
     Cuts `num_samples` patches of `spatial_size` voxels from a labelled volume, at the same place in every key, placed
