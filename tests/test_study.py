@@ -90,6 +90,18 @@ def test_a_changed_argument_is_a_new_cell_with_its_arguments_recorded(tmp_path, 
     assert len(fake_runs) == 4, "the same arguments again: finished"
 
 
+@pytest.mark.parametrize("content", ["", '{"mean_dice": 0.', "[]"])
+def test_an_unreadable_summary_is_named_and_its_cell_runs_again(tmp_path, fake_runs, capsys, content):
+    argv = ["--budgets", "1", "--folds", "0", "--modes", "finetune", "--output_dir", str(tmp_path)]
+    study.main(argv)
+    (summary,) = tmp_path.glob("scratch/finetune/*/evaluation/summary.json")
+    summary.write_text(content)  # a crash or a full disk while it was written
+    study.main(argv)
+    assert len(fake_runs) == 4, "the cell ran again"
+    assert f"unreadable {summary}" in capsys.readouterr().out
+    assert json.loads(summary.read_text()) == {"mean_dice": 0.5}
+
+
 def test_a_new_backbone_under_the_same_name_is_a_new_cell(tmp_path, fake_runs):
     weights = backbone(tmp_path / "dhr.pt", b"first")
     argv = ["--pretrained", weights, "--budgets", "1", "--folds", "0", "--modes", "linear"]

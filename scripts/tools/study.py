@@ -12,12 +12,13 @@ Every cell of {from scratch, each pretrained backbone} x {linear evaluation, fin
 scans in all: each cell trains on n cases without validation (``--num_val_cases 0``) and is evaluated with its final
 weights. ``args.json`` holds the cell's identity (initialisation and the backbone file's SHA-256, mode, budget, fold,
 and every argument of its runs), of which ``<digest>`` is a hash. Arguments after ``--`` go to every run (e.g. shorter
-schedules). A cell whose folder holds an ``evaluation/summary.json`` is finished and not run again, so an interrupted
-study resumes, while a changed argument or backbone is a new cell. The results go to ``<output_dir>/results.csv`` (one
-row per cell) and ``<output_dir>/label_efficiency.png`` (mean and spread over folds, as Figure 1 of the DHR paper). With
-``--tracking mlflow`` the study is one MLflow experiment in ``<output_dir>/mlruns.db``: one run per cell (its training
-run, named ``<init>/<mode>/n<budget>_f<fold>``, with the test metrics added) and a ``label_efficiency`` run holding the
-table and the plot. """
+schedules). A cell whose folder holds a readable ``evaluation/summary.json`` is finished and not run again, so an
+interrupted study resumes (an unreadable summary is warned about and its cell runs again), while a changed argument or
+backbone is a new cell. The results go to ``<output_dir>/results.csv`` (one row per cell) and
+``<output_dir>/label_efficiency.png`` (mean and spread over folds, as Figure 1 of the DHR paper). With ``--tracking
+mlflow`` the study is one MLflow experiment in ``<output_dir>/mlruns.db``: one run per cell (its training run, named
+``<init>/<mode>/n<budget>_f<fold>``, with the test metrics added) and a ``label_efficiency`` run holding the table and
+the plot. """
 
 from __future__ import annotations
 
@@ -224,19 +225,37 @@ def _log_cell(tracking: Tracking, run_name: str, summary: dict, folder: Path) ->
     client.log_artifacts(run_id, str(folder / "evaluation"), "evaluation")
 
 
+def read_summary(folder: Path) -> dict | None:
+    """The ``evaluation/summary.json`` of the cell in ``folder``, or None if the cell is unfinished: no summary, or one
+    that cannot be read (empty, or cut short by a crash or a full disk), which is warned about, naming it, as the cell
+    then runs again."""
+    file = folder / "evaluation" / "summary.json"
+    if not file.is_file():
+        return None
+    try:
+        summary = json.loads(file.read_text())
+        problem = "" if isinstance(summary, dict) else "not a JSON object"
+    except (OSError, ValueError) as err:  # ValueError: invalid JSON or text
+        problem = f"{type(err).__name__}: {err}"
+    if not problem:
+        return summary
+    logger.warning(f"unreadable {file} ({problem}): its cell runs again")
+    return None
+
+
 def run_study(
     grid: Sequence[Cell], root: Path, runner: Callable[..., dict] | None = None, tracking: Tracking | None = None
 ) -> list[dict]:
     """Runs every unfinished cell (with ``runner``, default :func:`run_cell`; finished ones are read back), then writes
     ``results.csv``; returns its rows."""
     runner = runner or run_cell
-    done = sum((cell.folder(root) / "evaluation" / "summary.json").is_file() for cell in grid)
+    finished = {cell: read_summary(cell.folder(root)) for cell in grid}
+    done = sum(summary is not None for summary in finished.values())
     logger.info(f"study: {len(grid)} cells in {root}, {done} finished already")
     rows = []
     for cell in grid:
-        summary_file = cell.folder(root) / "evaluation" / "summary.json"
-        if summary_file.is_file():
-            summary = json.loads(summary_file.read_text())
+        summary = finished[cell]
+        if summary is not None:
             logger.info(f"done already: {cell.folder(root)}")
         else:
             logger.info(f"running: {cell.folder(root)}")
