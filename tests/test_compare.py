@@ -7,13 +7,15 @@ from pathlib import Path
 import pytest
 import torch
 from scripts.tools import compare, study
-from test_study import fake_runner
+from test_study import fake_demo, fake_runner
 
 
 @pytest.fixture
-def pretrainings(monkeypatch):
-    """Replaces each pretraining by writing its backbone file and each study cell by a summary; returns the runs."""
+def pretrainings(monkeypatch, tmp_path_factory):
+    """Replaces each pretraining by writing its backbone file, each study cell by a summary and the demo data by tiny
+    cases; returns the runs."""
     runs = []
+    fake_demo(monkeypatch, tmp_path_factory.mktemp("demo") / "data")
 
     def fake_bundle_run(run_id, configs, keys, extra, log):
         runs.append((run_id, configs, list(extra)))

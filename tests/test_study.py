@@ -9,9 +9,13 @@ import sys
 import time
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
 import torch
 from scripts.tools import study
+from scripts.utils.errors import BundleError
+from test_train_bundle import write_cases
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,9 +32,30 @@ def fake_runner(calls):
     return run
 
 
+def fake_demo(monkeypatch, folder: Path) -> list[str]:
+    """Stands in for the demo data, whose preparation takes about 10 s, with a few tiny labelled cases in ``folder``;
+    returns the folders that the demo data is asked for in."""
+    asked = []
+
+    def prepare(root):
+        asked.append(root)
+        if not folder.exists():
+            write_cases(folder, count=3)
+        return str(folder)
+
+    monkeypatch.setattr(study, "prepare_demo", prepare)
+    return asked
+
+
 @pytest.fixture
-def fake_runs(monkeypatch):
-    """Replaces the bundle runs of each cell by writing a summary; returns the (configs, keys, args) of each run."""
+def demo(monkeypatch, tmp_path_factory):
+    return fake_demo(monkeypatch, tmp_path_factory.mktemp("demo") / "data")
+
+
+@pytest.fixture
+def fake_runs(monkeypatch, demo):
+    """Replaces the bundle runs of each cell by writing a summary (and the demo data by tiny cases); returns the
+    (configs, keys, args) of each run."""
     seen = []
 
     def fake_bundle_run(run_id, configs, keys, extra, log):
@@ -100,6 +125,37 @@ def test_an_unreadable_summary_is_named_and_its_cell_runs_again(tmp_path, fake_r
     assert len(fake_runs) == 4, "the cell ran again"
     assert f"unreadable {summary}" in capsys.readouterr().out
     assert json.loads(summary.read_text()) == {"mean_dice": 0.5}
+
+
+def test_corrected_labels_are_new_cells(tmp_path, fake_runs, capsys):
+    write_cases(tmp_path / "data", count=3)
+    argv = ["--budgets", "1", "--folds", "0", "--modes", "finetune", "--output_dir", str(tmp_path / "study")]
+    argv += ["--", "--dataset_dir", str(tmp_path / "data")]
+    study.main(argv)
+    label = nib.load(tmp_path / "data/labelsTr/case_0.nii.gz")
+    corrected = np.asanyarray(label.dataobj).copy()
+    corrected[0, 0, 0] = 1
+    nib.save(nib.Nifti1Image(corrected, label.affine), tmp_path / "data/labelsTr/case_0.nii.gz")
+    study.main(argv)
+    assert len(fake_runs) == 4, "the cell ran again on the corrected labels"
+    folders = list((tmp_path / "study/scratch/finetune").iterdir())
+    assert len({json.loads((f / "args.json").read_text())["datalist_sha256"] for f in folders}) == 2
+    assert "1 cell folder(s) in" in capsys.readouterr().out.replace("\n", " ")
+    study.main(argv)
+    assert len(fake_runs) == 4, "the same data again: finished"
+
+
+def test_without_dataset_dir_the_cells_are_on_the_demo_data_where_the_runs_find_it(tmp_path, fake_runs, demo):
+    argv = ["--budgets", "1", "--folds", "0", "--modes", "finetune", "--output_dir", str(tmp_path)]
+    study.main(argv)
+    study.main([*argv, "--", "--demo_dir", str(tmp_path / "demo")])
+    assert demo == ["./data/demo", str(tmp_path / "demo")], "configs/train.yaml's demo_dir, or the runs' own"
+
+
+def test_labelled_data_that_cannot_be_read_stops_the_study_before_any_cell(tmp_path, fake_runs):
+    with pytest.raises(BundleError, match="none_here"):
+        study.main(["--output_dir", str(tmp_path), "--", "--dataset_dir", str(tmp_path / "none_here")])
+    assert fake_runs == []
 
 
 def test_a_new_backbone_under_the_same_name_is_a_new_cell(tmp_path, fake_runs):

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from scripts.tools import study
 from scripts.utils import log
-from scripts.utils.cli import none_overrides
+from scripts.utils.cli import given_keys, none_overrides
 
 logger = logging.getLogger(__name__)
 
@@ -102,17 +102,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ValueError as err:
         parser.error(f"--pretrain_args/--study_args: {err}")
     study.check_study_arguments(parser, args, study_args)
-    own = sorted({a[2:].partition("=")[0] for a in pretrain_args if a.startswith("--")} & OWN_KEYS)
+    own = sorted(given_keys(pretrain_args) & OWN_KEYS)
     if own:
         parser.error(f"{', '.join('--' + k for k in own)} in --pretrain_args: set by the comparison for each method")
     if none := none_overrides(pretrain_args):
         parser.error(f"--{none[0]} None in --pretrain_args: MONAI's command line would drop it")
 
+    datalist = study.datalist_sha256(study_args)  # before the first pretraining: unreadable data stops here
+
     root = Path(args.output_dir)
     root.mkdir(parents=True, exist_ok=True)
     tracking = study.Tracking(root / "mlruns.db", "method_comparison") if args.tracking == "mlflow" else None
     args.pretrained = [str(pretrain(m, root, pretrain_args, tracking)) for m in args.methods]
-    study.study(args, root / "study", study_args, tracking)
+    study.study(args, root / "study", datalist, study_args, tracking)
 
 
 if __name__ == "__main__":

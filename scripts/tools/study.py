@@ -11,10 +11,11 @@ Every cell of {from scratch, each pretrained backbone} x {linear evaluation, fin
 ``<output_dir>/<init>/<mode>/n<budget>_f<fold>_<digest>`` with its log and ``args.json``. A budget of n is n labelled
 scans in all: each cell trains on n cases without validation (``--num_val_cases 0``) and is evaluated with its final
 weights. ``args.json`` holds the cell's identity (initialisation and the backbone file's SHA-256, mode, budget, fold,
-and every argument of its runs), of which ``<digest>`` is a hash. Arguments after ``--`` go to every run (e.g. shorter
-schedules). A cell whose folder holds a readable ``evaluation/summary.json`` is finished and not run again, so an
-interrupted study resumes (an unreadable summary is warned about and its cell runs again), while a changed argument or
-backbone is a new cell. The results go to ``<output_dir>/results.csv`` (one row per cell) and
+every argument of its runs, and the SHA-256 of the labelled datalist they read: its files' paths, sizes and modification
+times), of which ``<digest>`` is a hash. Arguments after ``--`` go to every run (e.g. shorter schedules). A cell whose
+folder holds a readable ``evaluation/summary.json`` is finished and not run again, so an interrupted study resumes (an
+unreadable summary is warned about and its cell runs again), while a changed argument, backbone or label file is a new
+cell. The results go to ``<output_dir>/results.csv`` (one row per cell) and
 ``<output_dir>/label_efficiency.png`` (mean and spread over folds, as Figure 1 of the DHR paper). With ``--tracking
 mlflow`` the study is one MLflow experiment in ``<output_dir>/mlruns.db``: one run per cell (its training run, named
 ``<init>/<mode>/n<budget>_f<fold>``, with the test metrics added) and a ``label_efficiency`` run holding the table and
@@ -37,9 +38,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+from monai.bundle import ConfigParser
+from scripts.data.demo import prepare_demo
+from scripts.data.splits import datalist_digest, labelled_datalist
 from scripts.engine.weights import file_digest, read_info
 from scripts.utils import log
-from scripts.utils.cli import none_overrides
+from scripts.utils.cli import given_keys, given_value, none_overrides
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +51,7 @@ __all__ = [
     "Cell",
     "Tracking",
     "cells",
+    "datalist_sha256",
     "bundle_run",
     "run_cell",
     "run_study",
@@ -80,6 +85,7 @@ class Cell:
     fold: int
     args: tuple[str, ...] = ()  # every other argument of its runs: the warm-up, the arguments after '--'
     checkpoint_sha256: str | None = None  # the backbone's content: a new file under the same name is a new cell
+    datalist_sha256: str | None = None  # the labelled data's files: corrected labels are new cells
 
     @property
     def name(self) -> str:
@@ -100,6 +106,7 @@ def cells(
     folds: Sequence[int],
     extra: Sequence[str] = (),
     warmup_epochs: int | None = None,
+    datalist_sha256: str | None = None,
 ) -> list[Cell]:
     """The study's grid; from-scratch runs are always included as the reference.
 
@@ -109,6 +116,7 @@ def cells(
         extra: arguments of every run.
         warmup_epochs: frozen-backbone epochs of the fine-tuning cells (None: the config's); linear evaluation keeps
             the backbone frozen throughout, so its cells do not get it.
+        datalist_sha256: the labelled data of the runs (:func:`datalist_sha256`); None: not recorded.
     """
     # a backbone is named by its file's stem, or by its folder when stems repeat (pretrain_dhr/pretrained_backbone.pt)
     stems = [Path(p).stem for p in pretrained]
@@ -116,24 +124,45 @@ def cells(
     inits = [("scratch", None, None)] + [(n, p, file_digest(p)) for n, p in zip(names, pretrained, strict=True)]
     warmup = () if warmup_epochs is None else ("--warmup_epochs", str(warmup_epochs))
     scratch = scratch_args(pretrained[0], extra) if pretrained else ()
-    return [
-        Cell(i, c, m, b, f, (*extra, *(scratch if c is None else ()), *(warmup if m == "finetune" else ())), d)
-        for i, c, d in inits
-        for m in modes
-        for b in budgets
-        for f in folds
-    ]
+    grid = []
+    for init, checkpoint, digest in inits:
+        for mode in modes:
+            args = (*extra, *(scratch if checkpoint is None else ()), *(warmup if mode == "finetune" else ()))
+            grid += [Cell(init, checkpoint, mode, b, f, args, digest, datalist_sha256) for b in budgets for f in folds]
+    return grid
 
 
 def scratch_args(backbone: str, extra: Sequence[str]) -> tuple[str, ...]:
     """The reference trained from scratch is the first backbone's network and preprocessing, untrained: its
     ``base_channels``, ``num_scales``, ``modality`` and ``patch_size`` (as its weight file records them), unless the
     run arguments ``extra`` set them."""
-    given = {a[2:].partition("=")[0] for a in extra if a.startswith("--")}
+    given = given_keys(extra)
     info = read_info(backbone)
     keys = [k for k in ("base_channels", "num_scales", "modality", "patch_size") if info.get(k) and k not in given]
     text = {k: info[k] if isinstance(info[k], str) else json.dumps(info[k]).replace(" ", "") for k in keys}
     return tuple(item for k in keys for item in (f"--{k}", text[k]))
+
+
+def labelled_data(extra: Sequence[str]) -> str:
+    """The labelled data that runs with the arguments ``extra`` read, found as ``configs/train.yaml`` finds it: their
+    ``--dataset_dir``, else the demo data in its ``demo_dir`` (with their ``--demo_dir`` or ``--bundle_root``),
+    prepared here if it is not there yet."""
+    config = ConfigParser()
+    config.read_config(TRAIN)
+    keys = ("bundle_root", "dataset_dir", "demo_dir")
+    config.update({key: value for key in keys if (value := given_value(extra, key)) is not None})
+    return config.get_parsed_content("dataset_dir") or prepare_demo(config.get_parsed_content("demo_dir"))
+
+
+def datalist_sha256(extra: Sequence[str]) -> str:
+    """The digest of the labelled datalist of runs with the arguments ``extra`` (:func:`labelled_data`; its files'
+    paths, sizes and modification times: :func:`scripts.data.splits.datalist_digest`). Computed once per study, it is
+    part of every cell's identity, so cells run before the labels were corrected are not taken for finished.
+
+    Raises:
+        BundleError: the data cannot be read as a labelled datalist (named).
+    """
+    return datalist_digest(labelled_datalist(labelled_data(extra)))
 
 
 @dataclass(frozen=True)
@@ -243,12 +272,32 @@ def read_summary(folder: Path) -> dict | None:
     return None
 
 
+def warn_of_other_data(grid: Sequence[Cell], root: Path) -> None:
+    """Warns when cell folders in ``root`` were run on other labelled data than the cells of ``grid`` (their
+    ``args.json`` records another ``datalist_sha256``, or none): the labels changed, so those results are not reused."""
+    current = {cell.datalist_sha256 for cell in grid}
+    if None in current:
+        return
+    other = 0
+    for file in root.glob("*/*/*/args.json"):
+        try:
+            other += json.loads(file.read_text()).get("datalist_sha256") not in current
+        except (OSError, ValueError, AttributeError):  # not a cell's args.json: not the study's to judge
+            continue
+    if other:
+        logger.warning(
+            f"{other} cell folder(s) in {root} were run on other labelled data (their args.json records another "
+            "datalist_sha256, or none): the data changed since, so their results are not reused"
+        )
+
+
 def run_study(
     grid: Sequence[Cell], root: Path, runner: Callable[..., dict] | None = None, tracking: Tracking | None = None
 ) -> list[dict]:
     """Runs every unfinished cell (with ``runner``, default :func:`run_cell`; finished ones are read back), then writes
     ``results.csv``; returns its rows."""
     runner = runner or run_cell
+    warn_of_other_data(grid, root)
     finished = {cell: read_summary(cell.folder(root)) for cell in grid}
     done = sum(summary is not None for summary in finished.values())
     logger.info(f"study: {len(grid)} cells in {root}, {done} finished already")
@@ -353,7 +402,7 @@ def check_study_arguments(parser: argparse.ArgumentParser, args: argparse.Namesp
         parser.error(f"--warmup_epochs {args.warmup_epochs}: give a number of epochs >= 0")
     if "--warmup_epochs" in extra:
         parser.error("use the study's own --warmup_epochs: among the run arguments it would unfreeze linear evaluation")
-    own = sorted({a[2:].partition("=")[0] for a in extra if a.startswith("--")} & OWN_KEYS)
+    own = sorted(given_keys(extra) & OWN_KEYS)
     if own:
         parser.error(
             f"{', '.join('--' + k for k in own)}: set by the study for each cell; leave them out of the run args"
@@ -363,12 +412,13 @@ def check_study_arguments(parser: argparse.ArgumentParser, args: argparse.Namesp
 
 
 def study(
-    args: argparse.Namespace, root: Path, extra: Sequence[str] = (), tracking: Tracking | None = None
+    args: argparse.Namespace, root: Path, datalist: str, extra: Sequence[str] = (), tracking: Tracking | None = None
 ) -> list[dict]:
     """Runs the study of already validated ``args`` (``pretrained``, ``modes``, ``budgets``, ``folds``,
-    ``warmup_epochs``) into ``root``: cells, table, plot and, with ``tracking``, the MLflow records."""
+    ``warmup_epochs``) on the labelled data whose :func:`datalist_sha256` is ``datalist`` into ``root``: cells, table,
+    plot and, with ``tracking``, the MLflow records."""
     root.mkdir(parents=True, exist_ok=True)
-    grid = cells(args.pretrained, args.modes, args.budgets, args.folds, extra, args.warmup_epochs)
+    grid = cells(args.pretrained, args.modes, args.budgets, args.folds, extra, args.warmup_epochs, datalist)
     rows = run_study(grid, root, tracking=tracking)
     plot(rows, root / "label_efficiency.png")
     if tracking:
@@ -401,9 +451,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             parser.exit(1, f"error: pretrained backbone {path} does not exist\n")
 
     log.configure()
+    datalist = datalist_sha256(extra)  # before the first cell: unreadable data stops the study here
     root = Path(args.output_dir)
     tracking = Tracking(root / "mlruns.db", "label_efficiency") if args.tracking == "mlflow" else None
-    study(args, root, extra, tracking)
+    study(args, root, datalist, extra, tracking)
 
 
 if __name__ == "__main__":
