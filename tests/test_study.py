@@ -178,7 +178,23 @@ def test_plot_draws_mean_and_spread_without_offset_notation(tmp_path):
     assert figure.axes[0].yaxis.get_offset_text().get_text() == ""
     assert [t.get_text() for t in figure.axes[0].get_xticklabels()] == ["1", "2"]
     colours = {line.get_label(): line.get_color() for line in figure.axes[0].get_lines()}
-    assert colours["scratch, linear"] == colours["scratch, finetune"], "one colour per initialisation"
+    assert colours["scratch (mri), linear"] == colours["scratch (mri), finetune"], "one colour per initialisation"
+
+
+def test_the_table_and_the_legend_say_each_rows_preset(tmp_path, fake_runs):
+    from scripts.engine.weights import save_weights
+
+    vox2vec = str(tmp_path / "vox2vec.pt")
+    save_weights({}, vox2vec, {"kind": "backbone", "modality": "ct_wide"})
+    argv = ["--pretrained", vox2vec, backbone(tmp_path / "plain.pt"), "--budgets", "1", "--folds", "0", "--modes"]
+    study.main([*argv, "linear", "--output_dir", str(tmp_path / "study")])
+    with open(tmp_path / "study/results.csv") as f:
+        table = list(csv.DictReader(f))
+    # from scratch takes the first backbone's preset; a file that records none runs train.yaml's default
+    assert {row["init"]: row["preset"] for row in table} == {"scratch": "ct_wide", "vox2vec": "ct_wide", "plain": "mri"}
+    rows = [row | {"budget": int(row["budget"]), "mean_dice": float(row["mean_dice"])} for row in table]
+    labels = {line.get_label() for line in study.label_efficiency_figure(rows).axes[0].get_lines()}
+    assert labels == {"scratch (ct_wide), linear", "vox2vec (ct_wide), linear", "plain (mri), linear"}
 
 
 def test_missing_pretrained_file_stops_the_study(tmp_path, capsys):

@@ -15,9 +15,10 @@ every argument of its runs, and the SHA-256 of the labelled datalist they read: 
 times), of which ``<digest>`` is a hash. Arguments after ``--`` go to every run (e.g. shorter schedules). A cell whose
 folder holds a readable ``evaluation/summary.json`` is finished and not run again, so an interrupted study resumes (an
 unreadable summary is warned about and its cell runs again), while a changed argument, backbone or label file is a new
-cell. The results go to ``<output_dir>/results.csv`` (one row per cell) and
-``<output_dir>/label_efficiency.png`` (mean and spread over folds, as Figure 1 of the DHR paper). With ``--tracking
-mlflow`` the study is one MLflow experiment in ``<output_dir>/mlruns.db``: one run per cell (its training run, named
+cell. The results go to ``<output_dir>/results.csv`` (one row per cell: initialisation, the preprocessing preset of its
+runs, protocol, budget, fold and test metrics) and ``<output_dir>/label_efficiency.png`` (mean and spread over folds, as
+Figure 1 of the DHR paper; the legend names each initialisation's preset). With ``--tracking mlflow`` the study is one
+MLflow experiment in ``<output_dir>/mlruns.db``: one run per cell (its training run, named
 ``<init>/<mode>/n<budget>_f<fold>``, with the test metrics added) and a ``label_efficiency`` run holding the table and
 the plot. """
 
@@ -86,6 +87,7 @@ class Cell:
     args: tuple[str, ...] = ()  # every other argument of its runs: the warm-up, the arguments after '--'
     checkpoint_sha256: str | None = None  # the backbone's content: a new file under the same name is a new cell
     datalist_sha256: str | None = None  # the labelled data's files: corrected labels are new cells
+    preset: str | None = None  # the preprocessing preset (modality) of its runs, for the table
 
     @property
     def name(self) -> str:
@@ -124,11 +126,16 @@ def cells(
     inits = [("scratch", None, None)] + [(n, p, file_digest(p)) for n, p in zip(names, pretrained, strict=True)]
     warmup = () if warmup_epochs is None else ("--warmup_epochs", str(warmup_epochs))
     scratch = scratch_args(pretrained[0], extra) if pretrained else ()
+    # the preset the runs resolve: as given, else as the backbone records it, else train.yaml's default
+    default = ConfigParser.load_config_file(TRAIN)["settings"]["defaults"]["modality"]
     grid = []
     for init, checkpoint, digest in inits:
+        recorded = read_info(checkpoint).get("modality") if checkpoint else None
         for mode in modes:
             args = (*extra, *(scratch if checkpoint is None else ()), *(warmup if mode == "finetune" else ()))
-            grid += [Cell(init, checkpoint, mode, b, f, args, digest, datalist_sha256) for b in budgets for f in folds]
+            preset = given_value(args, "modality") or recorded or default
+            for budget in budgets:
+                grid += [Cell(init, checkpoint, mode, budget, f, args, digest, datalist_sha256, preset) for f in folds]
     return grid
 
 
@@ -310,7 +317,7 @@ def run_study(
             logger.info(f"running: {cell.folder(root)}")
             summary = runner(cell, root, tracking)
         rows.append(
-            {"init": cell.init, "mode": cell.mode, "budget": cell.budget, "fold": cell.fold}
+            {"init": cell.init, "preset": cell.preset, "mode": cell.mode, "budget": cell.budget, "fold": cell.fold}
             | {k: v for k, v in summary.items() if isinstance(v, int | float)}
         )
     columns = list(dict.fromkeys(k for row in rows for k in row))
@@ -322,7 +329,8 @@ def run_study(
 
 
 def plot(rows: Sequence[dict], path: Path, metric: str = "mean_dice") -> None:
-    """Test ``metric`` against the number of labelled scans: one line per (init, mode), mean and range over folds."""
+    """Test ``metric`` against the number of labelled scans: one line per (init, mode), labelled with the init's preset,
+    mean and range over folds."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -339,14 +347,14 @@ def label_efficiency_figure(rows: Sequence[dict], metric: str = "mean_dice"):
 
     fig, ax = plt.subplots(figsize=(8, 4))
     inits = list(dict.fromkeys(r["init"] for r in rows))
-    for init, mode in dict.fromkeys((r["init"], r["mode"]) for r in rows):
+    for init, preset, mode in dict.fromkeys((r["init"], r["preset"], r["mode"]) for r in rows):
         budgets = sorted({r["budget"] for r in rows if (r["init"], r["mode"]) == (init, mode)})
         values = [[r[metric] for r in rows if (r["init"], r["mode"], r["budget"]) == (init, mode, b)] for b in budgets]
         mean = np.array([np.mean(v) for v in values])
         low, high = np.array([np.min(v) for v in values]), np.array([np.max(v) for v in values])
         colour = f"C{inits.index(init) % 10}"  # one colour per initialisation, one line style per protocol
         style = "--" if mode == "linear" else "-"
-        ax.plot(budgets, mean, marker="o", color=colour, linestyle=style, label=f"{init}, {mode}")
+        ax.plot(budgets, mean, marker="o", color=colour, linestyle=style, label=f"{init} ({preset}), {mode}")
         ax.fill_between(budgets, low, high, color=colour, alpha=0.15)
     ax.set_xscale("log", base=2)
     all_budgets = sorted({r["budget"] for r in rows})
