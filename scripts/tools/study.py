@@ -64,6 +64,7 @@ __all__ = [
 ]
 
 TRAIN = "configs/train.yaml"
+BUNDLE = Path(__file__).resolve().parents[2]  # where the study reads train.yaml's keys, wherever it is started from
 CONFIGS = {"finetune": [TRAIN], "linear": [TRAIN, "configs/linear_eval.yaml"]}
 # Keys the study sets for each run itself: given after '--', they would break the grid.
 OWN_KEYS = {"output_dir", "model_file", "num_train_cases", "fold", "pretrained_ckpt", "tracking", "run_name"}
@@ -127,7 +128,7 @@ def cells(
     warmup = () if warmup_epochs is None else ("--warmup_epochs", str(warmup_epochs))
     scratch = scratch_args(pretrained[0], extra) if pretrained else ()
     # the preset the runs resolve: as given, else as the backbone records it, else train.yaml's default
-    default = ConfigParser.load_config_file(TRAIN)["settings"]["defaults"]["modality"]
+    default = ConfigParser.load_config_file(BUNDLE / TRAIN)["settings"]["defaults"]["modality"]
     grid = []
     for init, checkpoint, digest in inits:
         recorded = read_info(checkpoint).get("modality") if checkpoint else None
@@ -155,7 +156,7 @@ def labelled_data(extra: Sequence[str]) -> str:
     ``--dataset_dir``, else the demo data in its ``demo_dir`` (with their ``--demo_dir`` or ``--bundle_root``),
     prepared here if it is not there yet."""
     config = ConfigParser()
-    config.read_config(TRAIN)
+    config.read_config(BUNDLE / TRAIN)
     keys = ("bundle_root", "dataset_dir", "demo_dir")
     config.update({key: value for key in keys if (value := given_value(extra, key)) is not None})
     return config.get_parsed_content("dataset_dir") or prepare_demo(config.get_parsed_content("demo_dir"))
