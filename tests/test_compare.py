@@ -5,19 +5,23 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
+from scripts.engine.weights import save_weights
 from scripts.tools import compare, study
-from test_study import fake_runner
+from scripts.utils.cli import given_value
+from test_study import fake_demo, fake_runner
 
 
 @pytest.fixture
-def pretrainings(monkeypatch):
-    """Replaces each pretraining by writing its backbone file and each study cell by a summary; returns the runs."""
+def pretrainings(monkeypatch, tmp_path_factory):
+    """Replaces each pretraining by writing its backbone file and sidecar, each study cell by a summary and the demo
+    data by tiny cases; returns the runs."""
     runs = []
+    fake_demo(monkeypatch, tmp_path_factory.mktemp("demo") / "data")
 
     def fake_bundle_run(run_id, configs, keys, extra, log):
         runs.append((run_id, configs, list(extra)))
-        torch.save({}, Path(keys["output_dir"]) / "pretrained_backbone.pt")
+        info = {"kind": "backbone", "modality": given_value(extra, "modality") or "mri"}  # pretrain.yaml's default
+        save_weights({}, Path(keys["output_dir"]) / "pretrained_backbone.pt", info)
 
     monkeypatch.setattr(study, "bundle_run", fake_bundle_run)
     monkeypatch.setattr(study, "run_cell", fake_runner([]))
@@ -52,6 +56,27 @@ def test_compare_pretrains_each_method_once_then_studies_all_backbones(tmp_path,
     assert pretrainings == [], "methods whose backbone exists for the same arguments are not pretrained again"
 
 
+def test_on_ct_each_method_pretrains_with_its_papers_preset_and_the_table_says_it(tmp_path, pretrainings):
+    compare.main([*ARGV, "--output_dir", str(tmp_path), "--pretrain_args", "--modality ct --epochs 7"])
+    presets = {configs[-1].removeprefix("configs/"): given_value(args, "modality") for _, configs, args in pretrainings}
+    assert presets == {"pretrain.yaml": "ct", "pretrain_vox2vec.yaml": "ct_wide", "pretrain_pcrl.yaml": "ct"}
+    assert all(given_value(args, "epochs") == "7" for _, _, args in pretrainings)
+    with open(tmp_path / "study/results.csv") as f:
+        table = {row["init"].rsplit("_", 1)[0]: row["preset"] for row in csv.DictReader(f)}
+    assert table == {"scratch": "ct", "pretrain_dhr": "ct", "pretrain_vox2vec": "ct_wide", "pretrain_pcrl": "ct"}
+
+
+def test_method_args_are_one_methods_own_after_the_common_ones(tmp_path, pretrainings):
+    own = ["vox2vec=--epochs 10 --modality mri", "pcrl=--learning_rate 0.01"]
+    argv = [*ARGV, "--output_dir", str(tmp_path), "--pretrain_args", "--epochs 7 --modality ct", "--method_args", *own]
+    compare.main(argv)
+    assert [args for _, _, args in pretrainings] == [
+        ["--epochs", "7", "--modality", "ct"],
+        ["--epochs", "10", "--modality", "mri"],
+        ["--epochs", "7", "--modality", "ct", "--learning_rate", "0.01"],
+    ]
+
+
 def test_changed_pretraining_arguments_pretrain_anew(tmp_path, pretrainings, capsys):
     argv = [*ARGV, "--methods", "dhr", "--output_dir", str(tmp_path)]
     compare.main([*argv, "--pretrain_args", "--epochs 2"])
@@ -69,7 +94,8 @@ def test_compare_takes_the_study_options(tmp_path, pretrainings, monkeypatch):
     cells = []
     monkeypatch.setattr(study, "run_cell", fake_runner(cells))
     compare.main([*ARGV, "--methods", "dhr", "--warmup_epochs", "2", "--output_dir", str(tmp_path)])
-    assert {cell.args for cell in cells} == {("--warmup_epochs", "2")}
+    # from scratch also takes the backbone's preset
+    assert {cell.args for cell in cells} == {("--warmup_epochs", "2"), ("--modality", "mri", "--warmup_epochs", "2")}
 
 
 @pytest.mark.parametrize(
@@ -83,6 +109,12 @@ def test_compare_takes_the_study_options(tmp_path, pretrainings, monkeypatch):
         (["--pretrain_args", "--output_dir elsewhere"], "--output_dir in --pretrain_args"),
         (["--pretrain_args", "--projection_width None"], "--projection_width None"),
         (["--pretrain_args", "--epochs '7"], "--pretrain_args"),
+        (["--study_args", "--modality ct"], "--modality in --study_args"),
+        (["--method_args", "dhr"], "METHOD=ARGS"),
+        (["--methods", "dhr", "--method_args", "pcrl=--epochs 2"], "METHOD one of --methods (dhr)"),
+        (["--method_args", "dhr=--epochs 2", "dhr=--seed 1"], "dhr given twice"),
+        (["--method_args", "vox2vec=--output_dir x"], "--output_dir in --method_args vox2vec"),
+        (["--method_args", "pcrl=--momentum None"], "--momentum None in --method_args pcrl"),
     ],
 )
 def test_every_argument_is_checked_before_any_pretraining(tmp_path, pretrainings, capsys, argv, message):

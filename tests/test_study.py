@@ -9,9 +9,13 @@ import sys
 import time
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
 import torch
 from scripts.tools import study
+from scripts.utils.errors import BundleError
+from test_train_bundle import write_cases
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,9 +32,30 @@ def fake_runner(calls):
     return run
 
 
+def fake_demo(monkeypatch, folder: Path) -> list[str]:
+    """Stands in for the demo data, whose preparation takes about 10 s, with a few tiny labelled cases in ``folder``;
+    returns the folders that the demo data is asked for in."""
+    asked = []
+
+    def prepare(root):
+        asked.append(root)
+        if not folder.exists():
+            write_cases(folder, count=3)
+        return str(folder)
+
+    monkeypatch.setattr(study, "prepare_demo", prepare)
+    return asked
+
+
 @pytest.fixture
-def fake_runs(monkeypatch):
-    """Replaces the bundle runs of each cell by writing a summary; returns the (configs, keys, args) of each run."""
+def demo(monkeypatch, tmp_path_factory):
+    return fake_demo(monkeypatch, tmp_path_factory.mktemp("demo") / "data")
+
+
+@pytest.fixture
+def fake_runs(monkeypatch, demo):
+    """Replaces the bundle runs of each cell by writing a summary (and the demo data by tiny cases); returns the
+    (configs, keys, args) of each run."""
     seen = []
 
     def fake_bundle_run(run_id, configs, keys, extra, log):
@@ -90,6 +115,49 @@ def test_a_changed_argument_is_a_new_cell_with_its_arguments_recorded(tmp_path, 
     assert len(fake_runs) == 4, "the same arguments again: finished"
 
 
+@pytest.mark.parametrize("content", ["", '{"mean_dice": 0.', "[]"])
+def test_an_unreadable_summary_is_named_and_its_cell_runs_again(tmp_path, fake_runs, capsys, content):
+    argv = ["--budgets", "1", "--folds", "0", "--modes", "finetune", "--output_dir", str(tmp_path)]
+    study.main(argv)
+    (summary,) = tmp_path.glob("scratch/finetune/*/evaluation/summary.json")
+    summary.write_text(content)  # a crash or a full disk while it was written
+    study.main(argv)
+    assert len(fake_runs) == 4, "the cell ran again"
+    assert f"unreadable {summary}" in capsys.readouterr().out
+    assert json.loads(summary.read_text()) == {"mean_dice": 0.5}
+
+
+def test_corrected_labels_are_new_cells(tmp_path, fake_runs, capsys):
+    write_cases(tmp_path / "data", count=3)
+    argv = ["--budgets", "1", "--folds", "0", "--modes", "finetune", "--output_dir", str(tmp_path / "study")]
+    argv += ["--", "--dataset_dir", str(tmp_path / "data")]
+    study.main(argv)
+    label = nib.load(tmp_path / "data/labelsTr/case_0.nii.gz")
+    corrected = np.asanyarray(label.dataobj).copy()
+    corrected[0, 0, 0] = 1
+    nib.save(nib.Nifti1Image(corrected, label.affine), tmp_path / "data/labelsTr/case_0.nii.gz")
+    study.main(argv)
+    assert len(fake_runs) == 4, "the cell ran again on the corrected labels"
+    folders = list((tmp_path / "study/scratch/finetune").iterdir())
+    assert len({json.loads((f / "args.json").read_text())["datalist_sha256"] for f in folders}) == 2
+    assert "1 cell folder(s) in" in capsys.readouterr().out.replace("\n", " ")
+    study.main(argv)
+    assert len(fake_runs) == 4, "the same data again: finished"
+
+
+def test_without_dataset_dir_the_cells_are_on_the_demo_data_where_the_runs_find_it(tmp_path, fake_runs, demo):
+    argv = ["--budgets", "1", "--folds", "0", "--modes", "finetune", "--output_dir", str(tmp_path)]
+    study.main(argv)
+    study.main([*argv, "--", "--demo_dir", str(tmp_path / "demo")])
+    assert demo == ["./data/demo", str(tmp_path / "demo")], "configs/train.yaml's demo_dir, or the runs' own"
+
+
+def test_labelled_data_that_cannot_be_read_stops_the_study_before_any_cell(tmp_path, fake_runs):
+    with pytest.raises(BundleError, match="none_here"):
+        study.main(["--output_dir", str(tmp_path), "--", "--dataset_dir", str(tmp_path / "none_here")])
+    assert fake_runs == []
+
+
 def test_a_new_backbone_under_the_same_name_is_a_new_cell(tmp_path, fake_runs):
     weights = backbone(tmp_path / "dhr.pt", b"first")
     argv = ["--pretrained", weights, "--budgets", "1", "--folds", "0", "--modes", "linear"]
@@ -110,7 +178,23 @@ def test_plot_draws_mean_and_spread_without_offset_notation(tmp_path):
     assert figure.axes[0].yaxis.get_offset_text().get_text() == ""
     assert [t.get_text() for t in figure.axes[0].get_xticklabels()] == ["1", "2"]
     colours = {line.get_label(): line.get_color() for line in figure.axes[0].get_lines()}
-    assert colours["scratch, linear"] == colours["scratch, finetune"], "one colour per initialisation"
+    assert colours["scratch (mri), linear"] == colours["scratch (mri), finetune"], "one colour per initialisation"
+
+
+def test_the_table_and_the_legend_say_each_rows_preset(tmp_path, fake_runs):
+    from scripts.engine.weights import save_weights
+
+    vox2vec = str(tmp_path / "vox2vec.pt")
+    save_weights({}, vox2vec, {"kind": "backbone", "modality": "ct_wide"})
+    argv = ["--pretrained", vox2vec, backbone(tmp_path / "plain.pt"), "--budgets", "1", "--folds", "0", "--modes"]
+    study.main([*argv, "linear", "--output_dir", str(tmp_path / "study")])
+    with open(tmp_path / "study/results.csv") as f:
+        table = list(csv.DictReader(f))
+    # from scratch takes the first backbone's preset; a file that records none runs train.yaml's default
+    assert {row["init"]: row["preset"] for row in table} == {"scratch": "ct_wide", "vox2vec": "ct_wide", "plain": "mri"}
+    rows = [row | {"budget": int(row["budget"]), "mean_dice": float(row["mean_dice"])} for row in table]
+    labels = {line.get_label() for line in study.label_efficiency_figure(rows).axes[0].get_lines()}
+    assert labels == {"scratch (ct_wide), linear", "vox2vec (ct_wide), linear", "plain (mri), linear"}
 
 
 def test_missing_pretrained_file_stops_the_study(tmp_path, capsys):

@@ -2,22 +2,24 @@
 
 Usage (from the bundle root)::
 
-    python -m scripts.tools.compare --methods dhr vox2vec pcrl [--output_dir runs/compare] [--budgets 1 2 4] [--folds 0
-    1 2]
-        [--modes linear finetune] [--warmup_epochs N] [--tracking mlflow]
-        [--pretrain_args "--epochs 100 --dataset_dir /data/ct"]
+    python -m scripts.tools.compare --methods dhr vox2vec pcrl [--output_dir runs/compare] [--budgets 1 2 4]
+        [--folds 0 1 2] [--modes linear finetune] [--warmup_epochs N] [--tracking mlflow]
+        [--pretrain_args "--epochs 100 --dataset_dir /data/ct --modality ct"]
+        [--method_args vox2vec="--epochs 200"]
         [--study_args "--epochs 50 --dataset_dir /data/labelled"]
 
 Each method is pretrained with its config (``configs/pretrain.yaml`` plus its override file) and the same
-``--pretrain_args`` into ``<output_dir>/pretrain_<method>_<digest>``, whose ``args.json`` holds the run's identity (the
-method, its configs and the arguments; ``<digest>`` is a hash of it) and which receives the backbone
-``pretrained_backbone.pt`` with its ``.json`` sidecar (architecture and preprocessing preset, see
-`scripts.engine.weights`), so
-methods of different sizes compare in one study. A method whose backbone exists for the same identity is not pretrained
-again, an interrupted pretraining resumes, and changed arguments pretrain anew in a new folder. Then every backbone, and
-training from scratch, goes through :mod:`scripts.tools.study` (``<output_dir>/study``, every study option accepted):
-one
-table and one plot, methods side by side. Every argument is checked before the first pretraining starts. With
+``--pretrain_args``, in its paper's preprocessing: on CT (``--modality ct``) vox2vec gets ``ct_wide``, the HU range of
+its random window, where DHR and PCRL keep ``ct`` (:data:`PAPER_PRESETS`); ``--method_args METHOD="..."`` adds one
+method's own arguments, which replace the common ones of the keys they set. Each goes into
+``<output_dir>/pretrain_<method>_<digest>``, whose ``args.json`` holds the run's identity (the method, its configs and
+its arguments; ``<digest>`` is a hash of it) and which receives the backbone ``pretrained_backbone.pt`` with its
+``.json`` sidecar (architecture and preprocessing preset, see `scripts.engine.weights`), so methods of different sizes
+and presets compare in one study. A method whose backbone exists for the same identity is not pretrained again, an
+interrupted pretraining resumes, and changed arguments pretrain anew in a new folder. Then every backbone, and training
+from scratch, goes through :mod:`scripts.tools.study` (``<output_dir>/study``, every study option accepted): one table
+(each row with the preset its runs used: the backbone's; from scratch, the first method's) and one plot, methods side by
+side. Every argument, and the labelled data of the study, is checked before the first pretraining starts. With
 ``--tracking mlflow`` the comparison is one MLflow experiment in ``<output_dir>/mlruns.db``: a run per pretraining and
 per study cell, and the study's table and plot."""
 
@@ -34,19 +36,49 @@ from pathlib import Path
 
 from scripts.tools import study
 from scripts.utils import log
-from scripts.utils.cli import none_overrides
+from scripts.utils.cli import given_keys, given_value, none_overrides, without
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["METHODS", "pretrain_folder", "pretrain", "main"]
+__all__ = ["METHODS", "PAPER_PRESETS", "method_args", "pretrain_folder", "pretrain", "main"]
 
 METHODS = {
     "dhr": ["configs/pretrain.yaml"],
     "vox2vec": ["configs/pretrain.yaml", "configs/pretrain_vox2vec.yaml"],
     "pcrl": ["configs/pretrain.yaml", "configs/pretrain_pcrl.yaml"],
 }
+# A method's own preset for the data's modality where its paper preprocesses it otherwise than the one given: vox2vec
+# scales CT from [-1350, 1000] HU, the range its random HU window picks from (REFERENCE.md §2), where DHR and PCRL clip
+# CT to [-175, 250] HU ("ct"); its augmentations refuse "ct" data, which no window can widen again.
+PAPER_PRESETS = {"vox2vec": {"ct": "ct_wide"}}
 # Keys the comparison sets for each pretraining itself.
 OWN_KEYS = {"output_dir", "backbone_file", "progress", "tracking", "tracking_uri", "experiment_name"}
+
+
+def method_args(method: str, common: Sequence[str], own: Sequence[str] = ()) -> list[str]:
+    """The arguments of ``method``'s pretraining: ``common`` (``--pretrain_args``) with its ``--modality`` turned into
+    the method's own preset (:data:`PAPER_PRESETS`), then ``own`` (the method's ``--method_args``), which replace the
+    common arguments of the keys they set."""
+    preset = PAPER_PRESETS.get(method, {}).get(given_value(common, "modality"))
+    args = [*without(common, {"modality"}), "--modality", preset] if preset else list(common)
+    return [*without(args, given_keys(own)), *own]
+
+
+def parse_method_args(parser: argparse.ArgumentParser, items: Sequence[str], methods: Sequence[str]) -> dict:
+    """``{method: [argument, ...]}`` of the ``--method_args`` items ``METHOD=ARGS``; stops (``parser.error``) on an
+    item that is not one, names a method outside ``methods`` (it would never run) or repeats a method."""
+    own = {}
+    for item in items:
+        method, sep, text = item.partition("=")
+        if not sep or method not in methods:
+            parser.error(f"--method_args {item}: give METHOD=ARGS, METHOD one of --methods ({' '.join(methods)})")
+        if method in own:
+            parser.error(f"--method_args: {method} given twice; put all its arguments in one quoted string")
+        try:
+            own[method] = shlex.split(text)
+        except ValueError as err:
+            parser.error(f"--method_args {item}: {err}")
+    return own
 
 
 def pretrain_folder(method: str, root: Path, extra: Sequence[str] = ()) -> tuple[Path, dict]:
@@ -70,7 +102,7 @@ def pretrain(method: str, root: Path, extra: Sequence[str] = (), tracking: study
     track = []
     if tracking:  # the run name is the config's own: the method and any ablation
         track = ["--tracking", "mlflow", "--tracking_uri", tracking.uri, "--experiment_name", tracking.experiment]
-    logger.info(f"pretraining {method} into {folder}{differs}")
+    logger.info(f"pretraining {method} into {folder} with {shlex.join(extra) or 'its config'}{differs}")
     with open(folder / "log.txt", "a") as log_file:
         try:
             study.bundle_run("pretrain", METHODS[method], keys, [*extra, *track], log_file)
@@ -93,7 +125,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--output_dir", default="runs/compare", help="pretrainings, study/, mlruns.db")
     study.add_study_arguments(parser)
     quoted = "quoted (default: %(default)r)"
-    parser.add_argument("--pretrain_args", default="", help=f"arguments of every pretraining, {quoted}")
+    parser.add_argument(
+        "--pretrain_args",
+        default="",
+        help=f"arguments of every pretraining, {quoted}; --modality ct gives vox2vec its paper's preset, ct_wide "
+        "([-1350, 1000] HU), and DHR and PCRL theirs, ct",
+    )
+    parser.add_argument(
+        "--method_args",
+        nargs="+",
+        default=[],
+        metavar="METHOD=ARGS",
+        help="one method's own pretraining arguments, quoted, after --pretrain_args (replacing the keys they set), "
+        "e.g. --method_args vox2vec='--epochs 200' pcrl='--learning_rate 0.01'",
+    )
     parser.add_argument("--study_args", default="", help=f"arguments of every study run, {quoted}")
     args = parser.parse_args(argv)
     log.configure()
@@ -102,17 +147,28 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ValueError as err:
         parser.error(f"--pretrain_args/--study_args: {err}")
     study.check_study_arguments(parser, args, study_args)
-    own = sorted({a[2:].partition("=")[0] for a in pretrain_args if a.startswith("--")} & OWN_KEYS)
-    if own:
-        parser.error(f"{', '.join('--' + k for k in own)} in --pretrain_args: set by the comparison for each method")
-    if none := none_overrides(pretrain_args):
-        parser.error(f"--{none[0]} None in --pretrain_args: MONAI's command line would drop it")
+    if "modality" in given_keys(study_args):
+        parser.error(
+            "--modality in --study_args: each backbone's runs take the preset it was pretrained with (from scratch: "
+            "the first method's); set it in --pretrain_args or --method_args"
+        )
+    own_args = parse_method_args(parser, args.method_args, args.methods)
+    sources = {"--pretrain_args": pretrain_args} | {f"--method_args {m}": a for m, a in own_args.items()}
+    for where, given in sources.items():
+        own = sorted(given_keys(given) & OWN_KEYS)
+        if own:
+            parser.error(f"{', '.join('--' + k for k in own)} in {where}: set by the comparison for each method")
+        if none := none_overrides(given):
+            parser.error(f"--{none[0]} None in {where}: MONAI's command line would drop it")
+
+    datalist = study.datalist_sha256(study_args)  # before the first pretraining: unreadable data stops here
 
     root = Path(args.output_dir)
     root.mkdir(parents=True, exist_ok=True)
     tracking = study.Tracking(root / "mlruns.db", "method_comparison") if args.tracking == "mlflow" else None
-    args.pretrained = [str(pretrain(m, root, pretrain_args, tracking)) for m in args.methods]
-    study.study(args, root / "study", study_args, tracking)
+    runs = {m: method_args(m, pretrain_args, own_args.get(m, ())) for m in args.methods}
+    args.pretrained = [str(pretrain(m, root, runs[m], tracking)) for m in args.methods]
+    study.study(args, root / "study", datalist, study_args, tracking)
 
 
 if __name__ == "__main__":

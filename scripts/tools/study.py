@@ -11,13 +11,16 @@ Every cell of {from scratch, each pretrained backbone} x {linear evaluation, fin
 ``<output_dir>/<init>/<mode>/n<budget>_f<fold>_<digest>`` with its log and ``args.json``. A budget of n is n labelled
 scans in all: each cell trains on n cases without validation (``--num_val_cases 0``) and is evaluated with its final
 weights. ``args.json`` holds the cell's identity (initialisation and the backbone file's SHA-256, mode, budget, fold,
-and every argument of its runs), of which ``<digest>`` is a hash. Arguments after ``--`` go to every run (e.g. shorter
-schedules). A cell whose folder holds an ``evaluation/summary.json`` is finished and not run again, so an interrupted
-study resumes, while a changed argument or backbone is a new cell. The results go to ``<output_dir>/results.csv`` (one
-row per cell) and ``<output_dir>/label_efficiency.png`` (mean and spread over folds, as Figure 1 of the DHR paper). With
-``--tracking mlflow`` the study is one MLflow experiment in ``<output_dir>/mlruns.db``: one run per cell (its training
-run, named ``<init>/<mode>/n<budget>_f<fold>``, with the test metrics added) and a ``label_efficiency`` run holding the
-table and the plot. """
+every argument of its runs, and the SHA-256 of the labelled datalist they read: its files' paths, sizes and modification
+times), of which ``<digest>`` is a hash. Arguments after ``--`` go to every run (e.g. shorter schedules). A cell whose
+folder holds a readable ``evaluation/summary.json`` is finished and not run again, so an interrupted study resumes (an
+unreadable summary is warned about and its cell runs again), while a changed argument, backbone or label file is a new
+cell. The results go to ``<output_dir>/results.csv`` (one row per cell: initialisation, the preprocessing preset of its
+runs, protocol, budget, fold and test metrics) and ``<output_dir>/label_efficiency.png`` (mean and spread over folds, as
+Figure 1 of the DHR paper; the legend names each initialisation's preset). With ``--tracking mlflow`` the study is one
+MLflow experiment in ``<output_dir>/mlruns.db``: one run per cell (its training run, named
+``<init>/<mode>/n<budget>_f<fold>``, with the test metrics added) and a ``label_efficiency`` run holding the table and
+the plot. """
 
 from __future__ import annotations
 
@@ -36,9 +39,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+from monai.bundle import ConfigParser
+from scripts.data.demo import prepare_demo
+from scripts.data.splits import datalist_digest, labelled_datalist
 from scripts.engine.weights import file_digest, read_info
 from scripts.utils import log
-from scripts.utils.cli import none_overrides
+from scripts.utils.cli import given_keys, given_value, none_overrides
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +52,7 @@ __all__ = [
     "Cell",
     "Tracking",
     "cells",
+    "datalist_sha256",
     "bundle_run",
     "run_cell",
     "run_study",
@@ -57,6 +64,7 @@ __all__ = [
 ]
 
 TRAIN = "configs/train.yaml"
+BUNDLE = Path(__file__).resolve().parents[2]  # where the study reads train.yaml's keys, wherever it is started from
 CONFIGS = {"finetune": [TRAIN], "linear": [TRAIN, "configs/linear_eval.yaml"]}
 # Keys the study sets for each run itself: given after '--', they would break the grid.
 OWN_KEYS = {"output_dir", "model_file", "num_train_cases", "fold", "pretrained_ckpt", "tracking", "run_name"}
@@ -79,6 +87,8 @@ class Cell:
     fold: int
     args: tuple[str, ...] = ()  # every other argument of its runs: the warm-up, the arguments after '--'
     checkpoint_sha256: str | None = None  # the backbone's content: a new file under the same name is a new cell
+    datalist_sha256: str | None = None  # the labelled data's files: corrected labels are new cells
+    preset: str | None = None  # the preprocessing preset (modality) of its runs, for the table
 
     @property
     def name(self) -> str:
@@ -99,6 +109,7 @@ def cells(
     folds: Sequence[int],
     extra: Sequence[str] = (),
     warmup_epochs: int | None = None,
+    datalist_sha256: str | None = None,
 ) -> list[Cell]:
     """The study's grid; from-scratch runs are always included as the reference.
 
@@ -108,6 +119,7 @@ def cells(
         extra: arguments of every run.
         warmup_epochs: frozen-backbone epochs of the fine-tuning cells (None: the config's); linear evaluation keeps
             the backbone frozen throughout, so its cells do not get it.
+        datalist_sha256: the labelled data of the runs (:func:`datalist_sha256`); None: not recorded.
     """
     # a backbone is named by its file's stem, or by its folder when stems repeat (pretrain_dhr/pretrained_backbone.pt)
     stems = [Path(p).stem for p in pretrained]
@@ -115,24 +127,50 @@ def cells(
     inits = [("scratch", None, None)] + [(n, p, file_digest(p)) for n, p in zip(names, pretrained, strict=True)]
     warmup = () if warmup_epochs is None else ("--warmup_epochs", str(warmup_epochs))
     scratch = scratch_args(pretrained[0], extra) if pretrained else ()
-    return [
-        Cell(i, c, m, b, f, (*extra, *(scratch if c is None else ()), *(warmup if m == "finetune" else ())), d)
-        for i, c, d in inits
-        for m in modes
-        for b in budgets
-        for f in folds
-    ]
+    # the preset the runs resolve: as given, else as the backbone records it, else train.yaml's default
+    default = ConfigParser.load_config_file(BUNDLE / TRAIN)["settings"]["defaults"]["modality"]
+    grid = []
+    for init, checkpoint, digest in inits:
+        recorded = read_info(checkpoint).get("modality") if checkpoint else None
+        for mode in modes:
+            args = (*extra, *(scratch if checkpoint is None else ()), *(warmup if mode == "finetune" else ()))
+            preset = given_value(args, "modality") or recorded or default
+            for budget in budgets:
+                grid += [Cell(init, checkpoint, mode, budget, f, args, digest, datalist_sha256, preset) for f in folds]
+    return grid
 
 
 def scratch_args(backbone: str, extra: Sequence[str]) -> tuple[str, ...]:
     """The reference trained from scratch is the first backbone's network and preprocessing, untrained: its
     ``base_channels``, ``num_scales``, ``modality`` and ``patch_size`` (as its weight file records them), unless the
     run arguments ``extra`` set them."""
-    given = {a[2:].partition("=")[0] for a in extra if a.startswith("--")}
+    given = given_keys(extra)
     info = read_info(backbone)
     keys = [k for k in ("base_channels", "num_scales", "modality", "patch_size") if info.get(k) and k not in given]
     text = {k: info[k] if isinstance(info[k], str) else json.dumps(info[k]).replace(" ", "") for k in keys}
     return tuple(item for k in keys for item in (f"--{k}", text[k]))
+
+
+def labelled_data(extra: Sequence[str]) -> str:
+    """The labelled data that runs with the arguments ``extra`` read, found as ``configs/train.yaml`` finds it: their
+    ``--dataset_dir``, else the demo data in its ``demo_dir`` (with their ``--demo_dir`` or ``--bundle_root``),
+    prepared here if it is not there yet."""
+    config = ConfigParser()
+    config.read_config(BUNDLE / TRAIN)
+    keys = ("bundle_root", "dataset_dir", "demo_dir")
+    config.update({key: value for key in keys if (value := given_value(extra, key)) is not None})
+    return config.get_parsed_content("dataset_dir") or prepare_demo(config.get_parsed_content("demo_dir"))
+
+
+def datalist_sha256(extra: Sequence[str]) -> str:
+    """The digest of the labelled datalist of runs with the arguments ``extra`` (:func:`labelled_data`; its files'
+    paths, sizes and modification times: :func:`scripts.data.splits.datalist_digest`). Computed once per study, it is
+    part of every cell's identity, so cells run before the labels were corrected are not taken for finished.
+
+    Raises:
+        BundleError: the data cannot be read as a labelled datalist (named).
+    """
+    return datalist_digest(labelled_datalist(labelled_data(extra)))
 
 
 @dataclass(frozen=True)
@@ -224,25 +262,63 @@ def _log_cell(tracking: Tracking, run_name: str, summary: dict, folder: Path) ->
     client.log_artifacts(run_id, str(folder / "evaluation"), "evaluation")
 
 
+def read_summary(folder: Path) -> dict | None:
+    """The ``evaluation/summary.json`` of the cell in ``folder``, or None if the cell is unfinished: no summary, or one
+    that cannot be read (empty, or cut short by a crash or a full disk), which is warned about, naming it, as the cell
+    then runs again."""
+    file = folder / "evaluation" / "summary.json"
+    if not file.is_file():
+        return None
+    try:
+        summary = json.loads(file.read_text())
+        problem = "" if isinstance(summary, dict) else "not a JSON object"
+    except (OSError, ValueError) as err:  # ValueError: invalid JSON or text
+        problem = f"{type(err).__name__}: {err}"
+    if not problem:
+        return summary
+    logger.warning(f"unreadable {file} ({problem}): its cell runs again")
+    return None
+
+
+def warn_of_other_data(grid: Sequence[Cell], root: Path) -> None:
+    """Warns when cell folders in ``root`` were run on other labelled data than the cells of ``grid`` (their
+    ``args.json`` records another ``datalist_sha256``, or none): the labels changed, so those results are not reused."""
+    current = {cell.datalist_sha256 for cell in grid}
+    if None in current:
+        return
+    other = 0
+    for file in root.glob("*/*/*/args.json"):
+        try:
+            other += json.loads(file.read_text()).get("datalist_sha256") not in current
+        except (OSError, ValueError, AttributeError):  # not a cell's args.json: not the study's to judge
+            continue
+    if other:
+        logger.warning(
+            f"{other} cell folder(s) in {root} were run on other labelled data (their args.json records another "
+            "datalist_sha256, or none): the data changed since, so their results are not reused"
+        )
+
+
 def run_study(
     grid: Sequence[Cell], root: Path, runner: Callable[..., dict] | None = None, tracking: Tracking | None = None
 ) -> list[dict]:
     """Runs every unfinished cell (with ``runner``, default :func:`run_cell`; finished ones are read back), then writes
     ``results.csv``; returns its rows."""
     runner = runner or run_cell
-    done = sum((cell.folder(root) / "evaluation" / "summary.json").is_file() for cell in grid)
+    warn_of_other_data(grid, root)
+    finished = {cell: read_summary(cell.folder(root)) for cell in grid}
+    done = sum(summary is not None for summary in finished.values())
     logger.info(f"study: {len(grid)} cells in {root}, {done} finished already")
     rows = []
     for cell in grid:
-        summary_file = cell.folder(root) / "evaluation" / "summary.json"
-        if summary_file.is_file():
-            summary = json.loads(summary_file.read_text())
+        summary = finished[cell]
+        if summary is not None:
             logger.info(f"done already: {cell.folder(root)}")
         else:
             logger.info(f"running: {cell.folder(root)}")
             summary = runner(cell, root, tracking)
         rows.append(
-            {"init": cell.init, "mode": cell.mode, "budget": cell.budget, "fold": cell.fold}
+            {"init": cell.init, "preset": cell.preset, "mode": cell.mode, "budget": cell.budget, "fold": cell.fold}
             | {k: v for k, v in summary.items() if isinstance(v, int | float)}
         )
     columns = list(dict.fromkeys(k for row in rows for k in row))
@@ -254,7 +330,8 @@ def run_study(
 
 
 def plot(rows: Sequence[dict], path: Path, metric: str = "mean_dice") -> None:
-    """Test ``metric`` against the number of labelled scans: one line per (init, mode), mean and range over folds."""
+    """Test ``metric`` against the number of labelled scans: one line per (init, mode), labelled with the init's preset,
+    mean and range over folds."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -271,14 +348,14 @@ def label_efficiency_figure(rows: Sequence[dict], metric: str = "mean_dice"):
 
     fig, ax = plt.subplots(figsize=(8, 4))
     inits = list(dict.fromkeys(r["init"] for r in rows))
-    for init, mode in dict.fromkeys((r["init"], r["mode"]) for r in rows):
+    for init, preset, mode in dict.fromkeys((r["init"], r["preset"], r["mode"]) for r in rows):
         budgets = sorted({r["budget"] for r in rows if (r["init"], r["mode"]) == (init, mode)})
         values = [[r[metric] for r in rows if (r["init"], r["mode"], r["budget"]) == (init, mode, b)] for b in budgets]
         mean = np.array([np.mean(v) for v in values])
         low, high = np.array([np.min(v) for v in values]), np.array([np.max(v) for v in values])
         colour = f"C{inits.index(init) % 10}"  # one colour per initialisation, one line style per protocol
         style = "--" if mode == "linear" else "-"
-        ax.plot(budgets, mean, marker="o", color=colour, linestyle=style, label=f"{init}, {mode}")
+        ax.plot(budgets, mean, marker="o", color=colour, linestyle=style, label=f"{init} ({preset}), {mode}")
         ax.fill_between(budgets, low, high, color=colour, alpha=0.15)
     ax.set_xscale("log", base=2)
     all_budgets = sorted({r["budget"] for r in rows})
@@ -334,7 +411,7 @@ def check_study_arguments(parser: argparse.ArgumentParser, args: argparse.Namesp
         parser.error(f"--warmup_epochs {args.warmup_epochs}: give a number of epochs >= 0")
     if "--warmup_epochs" in extra:
         parser.error("use the study's own --warmup_epochs: among the run arguments it would unfreeze linear evaluation")
-    own = sorted({a[2:].partition("=")[0] for a in extra if a.startswith("--")} & OWN_KEYS)
+    own = sorted(given_keys(extra) & OWN_KEYS)
     if own:
         parser.error(
             f"{', '.join('--' + k for k in own)}: set by the study for each cell; leave them out of the run args"
@@ -344,12 +421,13 @@ def check_study_arguments(parser: argparse.ArgumentParser, args: argparse.Namesp
 
 
 def study(
-    args: argparse.Namespace, root: Path, extra: Sequence[str] = (), tracking: Tracking | None = None
+    args: argparse.Namespace, root: Path, datalist: str, extra: Sequence[str] = (), tracking: Tracking | None = None
 ) -> list[dict]:
     """Runs the study of already validated ``args`` (``pretrained``, ``modes``, ``budgets``, ``folds``,
-    ``warmup_epochs``) into ``root``: cells, table, plot and, with ``tracking``, the MLflow records."""
+    ``warmup_epochs``) on the labelled data whose :func:`datalist_sha256` is ``datalist`` into ``root``: cells, table,
+    plot and, with ``tracking``, the MLflow records."""
     root.mkdir(parents=True, exist_ok=True)
-    grid = cells(args.pretrained, args.modes, args.budgets, args.folds, extra, args.warmup_epochs)
+    grid = cells(args.pretrained, args.modes, args.budgets, args.folds, extra, args.warmup_epochs, datalist)
     rows = run_study(grid, root, tracking=tracking)
     plot(rows, root / "label_efficiency.png")
     if tracking:
@@ -382,9 +460,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             parser.exit(1, f"error: pretrained backbone {path} does not exist\n")
 
     log.configure()
+    datalist = datalist_sha256(extra)  # before the first cell: unreadable data stops the study here
     root = Path(args.output_dir)
     tracking = Tracking(root / "mlruns.db", "label_efficiency") if args.tracking == "mlflow" else None
-    study(args, root, extra, tracking)
+    study(args, root, datalist, extra, tracking)
 
 
 if __name__ == "__main__":

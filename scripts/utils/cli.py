@@ -1,4 +1,4 @@
-"""What MONAI's bundle command line would silently get wrong, stopped before any work.
+"""What MONAI's bundle command line would silently get wrong, stopped before any work; reading its overrides.
 
 ``python -m monai.bundle run`` drops every ``--key None`` override (``monai.bundle.scripts.update_kwargs`` with
 ``ignore_none=True``), so the config's own value runs instead, without a word: ``--projection_width None`` used to
@@ -15,7 +15,7 @@ from pathlib import Path
 
 from scripts.utils.errors import BundleError
 
-__all__ = ["none_overrides", "refuse_none_overrides"]
+__all__ = ["given_keys", "given_value", "none_overrides", "refuse_none_overrides", "without"]
 
 # What to type instead of None, for the keys whose None means something other than their default.
 _INSTEAD = {"projection_width": "--projection_width raw concatenates the raw pyramid levels (vox2vec)"}
@@ -49,3 +49,33 @@ def refuse_none_overrides(argv: Sequence[str] | None = None) -> None:
             f"--{key} None: MONAI's command line drops overrides whose value is None, so the config's value of "
             f"{key!r} would run instead. {instead[0].upper()}{instead[1:]}."
         )
+
+
+def given_keys(argv: Sequence[str]) -> set[str]:
+    """The keys that ``argv`` overrides, as ``--key value`` or ``--key=value``."""
+    return {arg[2:].partition("=")[0] for arg in argv if arg.startswith("--")}
+
+
+def given_value(argv: Sequence[str], key: str) -> str | None:
+    """The value that ``argv`` gives ``key`` (the last, if given twice: MONAI's command line takes the last), else
+    None."""
+    value = None
+    for arg, following in zip(argv, [*argv[1:], None], strict=False):  # argv may be empty
+        name, sep, inline = arg.partition("=")
+        if name == f"--{key}":
+            value = inline if sep else following
+    return value
+
+
+def without(argv: Sequence[str], keys: set[str]) -> list[str]:
+    """``argv`` without its overrides of ``keys`` (each a ``--key=value`` item or a ``--key value`` pair)."""
+    kept, skip = [], False
+    for arg in argv:
+        name, sep, _ = arg.partition("=")
+        if skip:
+            skip = False
+        elif name.startswith("--") and name[2:] in keys:
+            skip = not sep  # its value is the next item
+        else:
+            kept.append(arg)
+    return kept
