@@ -1,5 +1,6 @@
 """Multi-process training on CPU (gloo): 2 ranks under torchrun, tiny settings; and the gathered InfoNCE."""
 
+import json
 import os
 from pathlib import Path
 
@@ -64,6 +65,18 @@ def test_a_resumed_two_process_run_continues_from_the_saved_iteration(dhr):
     assert ranks[0]["iteration"] == ranks[1]["iteration"] == 9 and len(ranks[0]["batches"]) == 3
     saved = {p.name for p in (tmp / "out/checkpoints").iterdir()}  # the older one stays (as in a 1-process resume)
     assert saved == {"checkpoint_iteration=6.pt", "checkpoint_iteration=9.pt"}
+
+
+def test_a_resume_on_another_number_of_processes_is_refused_naming_it(dhr):
+    tmp, _ = dhr
+    assert json.loads((tmp / "out/run.json").read_text())["world_size"] == 2
+    before = sorted(p.name for p in (tmp / "out/checkpoints").iterdir())
+    paths = {"dataset_dir": tmp / "data", "output_dir": tmp / "out", "cache_dir": tmp / "cache"}
+    result = monai_bundle_run("pretrain", "configs/pretrain.yaml", {**TINY, **paths, "epochs": 4})  # one process
+    assert result.returncode != 0
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: ") and "world_size is 2 there and 1 now" in line, line
+    assert sorted(p.name for p in (tmp / "out/checkpoints").iterdir()) == before
 
 
 def test_a_non_finite_loss_on_one_rank_stops_both_with_one_message(dhr):
