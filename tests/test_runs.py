@@ -85,6 +85,8 @@ def test_backbone_and_sidecar_are_written_with_the_run(base):
     [
         ("epoch_length", "4", "epoch_length is 3 there and 4 now"),
         ("augmentations", "vox2vec", 'augmentations is "local" there and "vox2vec" now'),
+        ("amp", "True", "amp is false there and true now"),
+        ("gather_negatives", "True", "gather_negatives is false there and true now"),
     ],
 )
 def test_a_run_with_other_keys_is_refused_naming_them(base, key, value, named):
@@ -94,6 +96,20 @@ def test_a_run_with_other_keys_is_refused_naming_them(base, key, value, named):
     line = last_line(result)
     assert line.startswith("error: ") and named in line and "--output_dir" in line and "--resume False" in line, line
     assert {p.name: p.stat().st_mtime_ns for p in checkpoints(base / "out/checkpoints")} == before
+
+
+@pytest.mark.parametrize("override", [None, "configs/pretrain_pcrl.yaml"])
+def test_the_identity_holds_every_key_that_changes_a_step(override):
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(["configs/pretrain.yaml", *([override] if override else [])])
+    identity = parser.get_parsed_content("run_identity")
+    assert identity["world_size"] == 1 and identity["device"] == "cpu"  # no process group; this machine's device
+    assert {"amp", "gather_negatives", "augmentations", "learning_rate", "seed", "epoch_length"} <= identity.keys()
+    assert not {"num_workers", "cache", "activation_checkpointing", "log_interval", "output_dir"} & identity.keys()
+    if override:
+        assert {"momentum", "queue_size", "pcrl_temperature", "mixup", "teacher_reconstruction"} <= identity.keys()
 
 
 def test_resume_false_sets_the_old_run_aside(base, tmp_path):

@@ -183,3 +183,60 @@ def test_a_pretraining_step_reads_the_device_once_at_most_except_every_log_inter
     logged = {4, 8}  # every log_interval, and the epoch's end
     assert all(reads.get(i, 0) <= 1 for i in range(1, 9) if i not in logged), reads
     assert all(reads[i] > 1 for i in logged), f"the count sees the log steps' reads: {reads}"
+
+
+@pytest.fixture
+def restore_determinism(monkeypatch):
+    """Restores what `set_determinism` changes process-wide: deterministic mode, cuDNN flags, cuBLAS variable."""
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", "")  # recorded as absent (or its value), so the teardown restores it
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")
+    state = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    cudnn = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
+    yield
+    torch.use_deterministic_algorithms(state[0], warn_only=state[1])
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = cudnn
+
+
+@pytest.mark.parametrize("method", ["dhr", "vox2vec", "pcrl"])
+def test_deterministic_true_trains_every_method_with_deterministic_algorithms_only(
+    tmp_path, method, restore_determinism
+):
+    """A step of each method with `torch.use_deterministic_algorithms(True)` (not warn-only): every operation of the
+    sampler, augmentations, network and loss has a deterministic implementation here (an op without one raises)."""
+    import os
+
+    from monai.bundle import ConfigWorkflow
+    from test_pretrain_bundle import write_volumes
+
+    write_volumes(tmp_path / "data", count=1)
+    overrides = {"vox2vec": ["configs/pretrain_vox2vec.yaml"], "pcrl": ["configs/pretrain_pcrl.yaml"]}
+    keys = {
+        "patch_size": [16, 16, 8],
+        "base_channels": 4,
+        "num_scales": 3,
+        "pairs_per_volume": 2,
+        "voxels_per_pair": 32,
+    }
+    keys |= {"epochs": 1, "epoch_length": 1, "num_workers": 0, "progress": False, "deterministic": True}
+    if method == "pcrl":
+        keys |= {"volumes_per_batch": 2, "queue_size": 16}
+    workflow = ConfigWorkflow(
+        ["configs/pretrain.yaml", *overrides.get(method, [])],
+        run_id="pretrain",
+        **keys,
+        **{"dataset_dir": str(tmp_path / "data"), "output_dir": str(tmp_path / "out"), "models_dir": str(tmp_path)},
+    )
+    workflow.initialize()
+    modes = []
+    trainer = workflow.parser.get_parsed_content("train#trainer")
+    trainer.add_event_handler(
+        Events.ITERATION_COMPLETED,
+        lambda _: modes.append(
+            (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+        ),
+    )
+    workflow.run()
+    workflow.finalize()
+    assert modes == [(True, False)]
+    assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"  # cuBLAS's deterministic workspace, for CUDA

@@ -1,9 +1,10 @@
 """One pretraining run per output folder: key checks, run identity, a lock, atomic full-state checkpoints and resume.
 
-A run is defined by its identity: the config keys that change what it learns (method, data, network, loss,
-augmentations, optimiser, seed, ``epoch_length``; not ``epochs``, ``num_workers`` or paths of outputs). The identity is
-written to ``<output_dir>/run.json`` and into every checkpoint, and a run resumes only checkpoints of an equal identity,
-so a changed key never continues, or crashes inside, another run's state. Layout of ``<output_dir>``::
+A run is defined by its identity: the config keys that change what a step computes (method, data, network, loss,
+augmentations, optimiser, seed, ``epoch_length``, ``amp``, ``gather_negatives``, the number of processes and the device
+type; not ``epochs``, ``num_workers`` or paths of outputs). The identity is written to ``<output_dir>/run.json`` and
+into every checkpoint, and a run resumes only checkpoints of an equal identity, so a changed key never continues, or
+crashes inside, another run's state. Layout of ``<output_dir>``::
 
     run.json                            the identity of the run whose checkpoints are in checkpoints/
     run.lock                            held (flock) by the process running in this folder; its PID inside

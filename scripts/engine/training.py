@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 import sys
 import time
@@ -74,9 +75,22 @@ def build_augmentation(
 
 def set_determinism(seed: int, deterministic: bool = False) -> None:
     """Seeds every random generator with ``seed + rank`` (so each ``torchrun`` process draws its own volumes, pairs and
-    augmentations), then, unless `deterministic`, turns cuDNN's autotuner on as the Model Zoo's bundles do
-    (MONAI's ``set_determinism`` turns it off: the strict mode that `deterministic` keeps)."""
+    augmentations) and chooses between speed and bitwise reproducibility.
+
+    `deterministic` False (the Model Zoo bundles' choice): cuDNN's autotuner picks the fastest algorithms, and
+    PyTorch may use kernels whose result depends on the order of parallel writes (atomic adds on CUDA; on a CPU with
+    several threads, which of several writes to one element stays, as in the local augmentations' overlapping blocks).
+
+    `deterministic` True: ``torch.use_deterministic_algorithms(True)``, so every operation either runs a deterministic
+    implementation or raises, deterministic cuDNN algorithms without the autotuner, and cuBLAS with a fixed workspace
+    (``CUBLAS_WORKSPACE_CONFIG=:4096:8`` unless already set). Given the same hardware, software, thread and process
+    counts, a run then computes the same bits each time, and a resumed run those of an uninterrupted one.
+    """
     monai.utils.set_determinism(seed=seed + rank())
+    if deterministic:
+        # Read at the first cuBLAS call, which comes later: this runs in `initialize`, before the network is built.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(deterministic)
     torch.backends.cudnn.benchmark = not deterministic
     torch.backends.cudnn.deterministic = deterministic
 
