@@ -130,7 +130,8 @@ class SSLBatch:
         seed: the run's seed.
 
     Returns (when called): ``inputs`` (2P, 1, X, Y, Z); ``targets`` dict with ``clean`` (2P, 1, X, Y, Z) and ``valid``
-    (P, K); no positional args; kwargs ``voxels`` (2P, K, 3) for the network.
+    (P, K); no positional args; kwargs ``voxels`` (2P, K, 3) and ``valid`` (2P, K) for the network (each view's slots
+    are valid where its pair's are).
     """
 
     def __init__(self, augment: Callable[..., torch.Tensor] | None = None, seed: int = 0) -> None:
@@ -155,7 +156,8 @@ class SSLBatch:
             inputs = self.augment(clean, generator=batch_generator(batchdata, self.seed, clean.device))
         else:
             inputs = self.augment(clean)
-        return inputs, {"clean": clean, "valid": flat("valid")}, (), {"voxels": voxels}
+        valid = flat("valid")
+        return inputs, {"clean": clean, "valid": valid}, (), {"voxels": voxels, "valid": torch.cat([valid, valid])}
 
 
 def batch_generator(
