@@ -10,11 +10,13 @@ import torch
 import torch.multiprocessing as mp
 from bundle import monai_bundle_run
 from info_nce_worker import gathered_info_nce
+from monai.metrics import DiceMetric
 from scripts.networks.fpn3d import FPN3d
 from scripts.ssl.losses import info_nce
 from test_pretrain_bundle import TINY, write_volumes
 from test_train_bundle import TINY as TRAIN_TINY
 from test_train_bundle import write_cases
+from validation_worker import gathered_mean_dice
 
 PROBE = "tests/configs/rank_probe.yaml"
 MULTI = "configs/multi_gpu_pretrain.yaml"
@@ -157,3 +159,21 @@ def test_gathered_info_nce_and_gradients_equal_one_process_on_all_embeddings(tmp
     torch.testing.assert_close(torch.cat([r["grad1"] for r in ranks]), a.grad)
     torch.testing.assert_close(torch.cat([r["grad2"] for r in ranks]), b.grad)
     torch.testing.assert_close(info_nce(z1[valid], z2[valid], 0.1), expected.detach())  # masking = removing
+
+
+def test_validation_on_two_ranks_counts_each_case_once(tmp_path):
+    label = torch.zeros(2, 4, 4, 2)
+    label[:, :2] = 1
+    predictions = (label, torch.zeros_like(label), torch.ones_like(label))  # Dice 1, 0 and 2/3 in both classes
+    cases = [{"pred": prediction, "label": label} for prediction in predictions]
+
+    def mean_dice(cases: list[dict]) -> float:
+        return DiceMetric()([c["pred"] for c in cases], [c["label"] for c in cases]).nanmean(1).mean().item()
+
+    assert mean_dice(cases) == pytest.approx(5 / 9) and mean_dice([*cases, cases[0]]) == pytest.approx(2 / 3)
+    # three cases: 2 + 1 per rank; one case: rank 1 has none of its own
+    port = 20000 + os.getpid() % 20000
+    mp.spawn(gathered_mean_dice, args=(port, [cases, cases[:1]], str(tmp_path)), nprocs=2)
+    for rank in range(2):
+        gathered = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert gathered == pytest.approx([mean_dice(cases), mean_dice(cases[:1])]), f"rank {rank}"

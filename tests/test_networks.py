@@ -1,9 +1,11 @@
+import copy
 import math
 import warnings
 
 import pytest
 import torch
-from scripts.networks.fpn3d import FPN3d, MultiscaleProjection, dhr_network
+from scripts.engine.training import SSLBatch
+from scripts.networks.fpn3d import FPN3d, MaskedBatchNorm1d, MultiscaleProjection, ProjectionHead, dhr_network
 
 
 @pytest.fixture(scope="module")
@@ -154,3 +156,59 @@ def test_activation_checkpointing_gives_the_same_gradients_and_statistics():
         torch.testing.assert_close(a.grad, b.grad, msg=name)
     for (name, a), b in zip(plain.state_dict().items(), checkpointed.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, msg=name)  # BatchNorm statistics updated once, not again in the recompute
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_masked_batch_norm_is_batch_norm_of_the_valid_rows(momentum):
+    torch.manual_seed(0)
+    x = torch.randn(12, 5, dtype=torch.float64)
+    valid = torch.tensor([1, 1, 0, 1, 0, 1, 1, 1, 0, 1, 1, 0], dtype=torch.bool)
+    x[~valid] = float("inf")
+    masked = MaskedBatchNorm1d(5, momentum=momentum).double()
+    plain = torch.nn.BatchNorm1d(5, momentum=momentum).double()
+    with torch.no_grad():
+        plain.weight.uniform_(0.5, 2), plain.bias.uniform_(-1, 1)
+    masked.load_state_dict(plain.state_dict())
+    for _ in range(2):  # twice: the cumulative average (momentum None) counts the batches
+        torch.testing.assert_close(masked(x, valid)[valid], plain(x[valid]))
+    for (name, a), b in zip(masked.state_dict().items(), plain.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, msg=name)
+    masked.eval(), plain.eval()
+    torch.testing.assert_close(masked(x[valid], valid[valid]), plain(x[valid]))
+
+
+def test_padded_rows_reach_neither_the_head_output_nor_its_gradients():
+    torch.manual_seed(0)
+    head = ProjectionHead(6, 8, 4)
+    x = torch.randn(2, 5, 6).requires_grad_()
+    valid = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    with torch.no_grad():
+        x[~valid] = float("inf")
+    out = head(x, valid)
+    assert torch.equal(out[~valid], torch.zeros(2, 4))
+    torch.testing.assert_close(out[valid].norm(dim=-1), torch.ones(8))
+    out.sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in head.parameters())
+    assert torch.isfinite(x.grad).all() and not x.grad[~valid].any()
+
+
+def test_padded_voxel_slots_change_neither_the_valid_embeddings_nor_the_head_statistics():
+    """A training step's embeddings of the matched voxels, and the head's BatchNorm statistics, are those of the same
+    batch without its padded slots, even where the voxel the padding points at, (0, 0, 0), is extreme."""
+    torch.manual_seed(0)
+    network = dhr_network(4, 3, projection_width=4)
+    reference = copy.deepcopy(network)
+    views = torch.rand(2, 1, 3, 1, 8, 8, 6)
+    views[..., 0, 0, 0] = 1000.0
+    valid = torch.rand(1, 3, 10) > 0.4
+    voxels = torch.stack([torch.randint(0, s, (2, 1, 3, 10)) for s in (8, 8, 6)], dim=-1)
+    voxels[:, ~valid] = 0  # the sampler's padding
+    batch = {"view1": views[0], "view2": views[1], "voxels1": voxels[0], "voxels2": voxels[1], "valid": valid}
+    inputs, targets, _, kwargs = SSLBatch()(batch, torch.device("cpu"))
+    rows = targets["valid"].repeat(2, 1)  # (2P, K): both views of each pair
+
+    embeddings = network(inputs, **kwargs)["embeddings"][rows]
+    features = reference.projection(reference.backbone(inputs), kwargs["voxels"])
+    torch.testing.assert_close(embeddings, reference.head(features[rows][None])[0])
+    for (name, a), b in zip(network.head.state_dict().items(), reference.head.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, msg=name)

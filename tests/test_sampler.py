@@ -59,6 +59,45 @@ def test_views_are_translated_patches_of_the_volume():
             np.testing.assert_array_equal(patch, expected)
 
 
+# End to end: the sampler's pairs through SSLBatch (no augmentation) to what the network reads at voxels1 and voxels2
+
+
+def network_batch(out: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """One volume's pairs as a training step sees them: inputs (2P, 1, *PATCH), valid (P, K), the network's kwargs."""
+    from scripts.engine.training import SSLBatch
+
+    inputs, targets, _, kwargs = SSLBatch()({k: v[None] for k, v in out.items()}, torch.device("cpu"))
+    return inputs, targets["valid"], kwargs
+
+
+def test_different_overlapping_boxes_read_the_same_image_voxel_at_voxels1_and_voxels2():
+    from scripts.networks.fpn3d import MultiscaleProjection
+
+    out = sample(coordinate_volume(ellipsoid_body()), num_pairs=8)
+    assert not torch.equal(out["view1"], out["view2"]), "the boxes differ"
+    inputs, valid, kwargs = network_batch(out)
+    identity = MultiscaleProjection([1], width=None)  # an identity "network": the image itself at each voxel
+    values = identity([inputs], kwargs["voxels"])[..., 0]  # (2P, K)
+    torch.testing.assert_close(values[:8][valid], values[8:][valid], rtol=0, atol=0)
+
+
+def test_identical_boxes_give_identical_embeddings_at_voxels1_and_voxels2_in_eval_mode():
+    from scripts.networks.fpn3d import dhr_network
+
+    torch.manual_seed(0)
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in PATCH], indexing="ij"))
+    # a volume of the patch's size holds one box only, so both views of every pair are that box
+    data = {"image": torch.rand(1, *PATCH), "body": torch.from_numpy((grid**2).sum(0) < 0.8)[None]}
+    out = sample(data, num_pairs=3)
+    assert torch.equal(out["view1"], out["view2"])
+    inputs, valid, kwargs = network_batch(out)
+    network = dhr_network(4, 3, projection_width=4, embedding_dim=8).eval()
+    with torch.no_grad():
+        embeddings = network(inputs, **kwargs)["embeddings"]  # (2P, K, D)
+    assert valid.any()
+    torch.testing.assert_close(embeddings[:3][valid], embeddings[3:][valid])
+
+
 def test_caps_voxels_and_marks_short_pairs_invalid():
     body = np.zeros(SHAPE, dtype=bool)
     body[20, 18, 10] = True  # a single body voxel: each pair matches exactly that one

@@ -26,6 +26,7 @@ def test_ssl_batch_stacks_views_and_augments_only_the_inputs():
     torch.testing.assert_close(inputs, targets["clean"] + 1)
     torch.testing.assert_close(kwargs["voxels"][6:], data["voxels2"].flatten(0, 1))
     assert targets["valid"].shape == (6, 5)
+    torch.testing.assert_close(kwargs["valid"], targets["valid"].repeat(2, 1))  # the network's view of the slots
 
 
 @pytest.mark.parametrize("augmentations", ["local", "vox2vec"])

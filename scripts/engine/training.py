@@ -42,6 +42,7 @@ __all__ = [
     "ExportBackbone",
     "latest_checkpoint",
     "per_class_dice",
+    "ValidationShare",
 ]
 
 logger = logging.getLogger(__name__)
@@ -144,7 +145,8 @@ class SSLBatch:
         seed: the run's seed.
 
     Returns (when called): ``inputs`` (2P, 1, X, Y, Z); ``targets`` dict with ``clean`` (2P, 1, X, Y, Z) and ``valid``
-    (P, K); no positional args; kwargs ``voxels`` (2P, K, 3) for the network.
+    (P, K); no positional args; kwargs ``voxels`` (2P, K, 3) and ``valid`` (2P, K) for the network (each view's slots
+    are valid where its pair's are).
     """
 
     def __init__(self, augment: Callable[..., torch.Tensor] | None = None, seed: int = 0) -> None:
@@ -169,7 +171,8 @@ class SSLBatch:
             inputs = self.augment(clean, generator=batch_generator(batchdata, self.seed, clean.device))
         else:
             inputs = self.augment(clean)
-        return inputs, {"clean": clean, "valid": flat("valid")}, (), {"voxels": voxels}
+        valid = flat("valid")
+        return inputs, {"clean": clean, "valid": valid}, (), {"voxels": voxels, "valid": torch.cat([valid, valid])}
 
 
 def batch_generator(
@@ -413,3 +416,48 @@ def per_class_dice(num_classes: int) -> dict[str, MeanDice]:
     return {
         f"val_dice_{c + 1}": MeanDice(include_background=True, output_transform=channel(c)) for c in range(num_classes)
     }
+
+
+class ValidationShare(torch.utils.data.Dataset):
+    """
+    This process's share of the validation cases under ``torchrun``: cases ``rank, rank + W, ...`` of `dataset`, so that
+    each case is validated on exactly one process and counts once in the Dice scores that MONAI's metrics gather over
+    the processes, the mean that picks the best checkpoint included. (A ``DistributedSampler`` pads the shares with
+    repeats to equal lengths, which counted up to W - 1 cases twice.)
+
+    Shares may differ by one case: validation calls no collective per case, only the metrics' gather at its end. A
+    process left without a case (fewer cases than processes) must still take part in that gather: it validates case 0
+    with an empty label, whose Dice is NaN for every class (MONAI's ``DiceMetric`` ignores empty ground truth), and
+    every mean skips NaN.
+
+    Args:
+        dataset: all validation cases, each a dict holding `label_key`.
+        label_key: the key of the label.
+        rank: this process's rank; None: `scripts.utils.distributed.rank()`.
+        world_size: number of processes; None: `scripts.utils.distributed.world_size()`.
+    """
+
+    def __init__(
+        self,
+        dataset: Sequence[Mapping[str, Any]],
+        label_key: str = "label",
+        rank: int | None = None,
+        world_size: int | None = None,
+    ) -> None:
+        self.dataset = dataset
+        self.label_key = label_key
+        rank = distributed.rank() if rank is None else rank
+        world_size = distributed.world_size() if world_size is None else world_size
+        self.indices = list(range(rank, len(dataset), world_size))
+        self.blank = not self.indices
+        if self.blank:
+            self.indices = [0]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        case = dict(self.dataset[self.indices[index]])
+        if self.blank:
+            case[self.label_key] = torch.zeros_like(case[self.label_key])
+        return case

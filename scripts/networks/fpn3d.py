@@ -21,6 +21,7 @@ __all__ = [
     "ResStage",
     "FPN3d",
     "MultiscaleProjection",
+    "MaskedBatchNorm1d",
     "ProjectionHead",
     "VoxelEmbeddingNet",
     "dhr_network",
@@ -263,8 +264,49 @@ class MultiscaleProjection(nn.Module):
         return torch.cat(features, dim=-1)
 
 
+class MaskedBatchNorm1d(nn.BatchNorm1d):
+    """`nn.BatchNorm1d` whose training statistics span the rows marked valid only, both those it normalises with and
+    those it tracks; the same parameters and buffers, so state dicts are interchangeable.
+
+    The rows are weighted, not selected, so shapes stay static and nothing waits for the device. Without `valid`, and
+    whenever the running statistics normalise (eval mode), it is `nn.BatchNorm1d`.
+    """
+
+    def forward(self, x: Tensor, valid: Tensor | None = None) -> Tensor:
+        """
+        Args:
+            x: (N, C) rows.
+            valid: (N,) bool, the rows that make the statistics; None: all. Rows outside it are normalised too, with
+                the statistics of the valid ones.
+
+        Returns:
+            (N, C), the dtype of `x`.
+        """
+        if valid is None or not (self.training or self.running_mean is None):
+            return super().forward(x)
+        rows = x.to(torch.promote_types(x.dtype, torch.float32))  # statistics in float32 at least, as under AMP
+        inside = valid[:, None]
+        count = valid.sum().clamp(min=1)
+        mean = torch.where(inside, rows, 0).sum(0) / count
+        var = torch.where(inside, (rows - mean).square(), 0).sum(0) / count  # biased, as BatchNorm normalises with
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                momentum = 1 / self.num_batches_tracked if self.momentum is None else self.momentum
+                self.running_mean.lerp_(mean, momentum)
+                self.running_var.lerp_(var * count / (count - 1).clamp(min=1), momentum)  # unbiased, as BatchNorm
+        y = (rows - mean) * torch.rsqrt(var + self.eps)
+        if self.affine:
+            y = y * self.weight + self.bias
+        return y.to(x.dtype)
+
+
 class ProjectionHead(nn.Module):
     """MLP with two hidden BatchNorm-ReLU layers, followed by L2 normalisation.
+
+    Given which rows are valid (the sampler pads each pair's matched voxels to a fixed count), the head sees those rows
+    only: padded rows enter as zeros, leave as zeros, and the BatchNorm statistics span the valid rows alone. Otherwise
+    the padded slots, which all read voxel (0, 0, 0) of their view, would weigh on the batch statistics.
 
     Args:
         in_channels: input vector length.
@@ -276,18 +318,34 @@ class ProjectionHead(nn.Module):
         super().__init__()
         self.layers = nn.Sequential(
             nn.Linear(in_channels, hidden_channels),
-            nn.BatchNorm1d(hidden_channels),
+            MaskedBatchNorm1d(hidden_channels),
             nn.ReLU(inplace=True),
             nn.Linear(hidden_channels, hidden_channels),
-            nn.BatchNorm1d(hidden_channels),
+            MaskedBatchNorm1d(hidden_channels),
             nn.ReLU(inplace=True),
             nn.Linear(hidden_channels, out_channels),
         )
 
-    def forward(self, x: Tensor) -> Tensor:
-        """(B, K, in_channels) -> (B, K, out_channels) unit vectors; BatchNorm statistics span all B*K vectors."""
-        y = self.layers(x.flatten(0, 1))
-        return F.normalize(y, dim=-1).unflatten(0, x.shape[:2])
+    def forward(self, x: Tensor, valid: Tensor | None = None) -> Tensor:
+        """
+        Args:
+            x: (B, K, in_channels) vectors.
+            valid: (B, K) bool, the rows that hold a matched voxel; None: all.
+
+        Returns:
+            (B, K, out_channels): unit vectors at the valid rows, zeros elsewhere. In training the BatchNorm statistics
+            span all valid rows of the batch.
+        """
+        rows = x.flatten(0, 1)
+        mask = None if valid is None else valid.flatten()
+        if mask is not None:
+            rows = torch.where(mask[:, None], rows, 0)  # no value of a padded row reaches a layer (nor a gradient)
+        for layer in self.layers:
+            rows = layer(rows, mask) if isinstance(layer, MaskedBatchNorm1d) else layer(rows)
+        y = F.normalize(rows, dim=-1)
+        if mask is not None:
+            y = torch.where(mask[:, None], y, 0)
+        return y.unflatten(0, x.shape[:2])
 
 
 class VoxelEmbeddingNet(nn.Module):
@@ -309,18 +367,19 @@ class VoxelEmbeddingNet(nn.Module):
         self.head = head
         self.restoration_head = nn.Conv3d(backbone.out_channels[0], 1, kernel_size=1) if restoration else None
 
-    def forward(self, images: Tensor, voxels: Tensor) -> dict[str, Tensor]:
+    def forward(self, images: Tensor, voxels: Tensor, valid: Tensor | None = None) -> dict[str, Tensor]:
         """
         Args:
             images: (B, 1, X, Y, Z).
             voxels: (B, K, 3) integer indices of the voxels to embed.
+            valid: (B, K) bool, which of the K slots hold a voxel (the others are padding); None: all.
 
         Returns:
-            ``"embeddings"``: (B, K, D) unit vectors, and with restoration ``"restoration"``: (B, 1, X, Y, Z), linear
-            (no activation).
+            ``"embeddings"``: (B, K, D) unit vectors (zeros at invalid slots), and with restoration
+            ``"restoration"``: (B, 1, X, Y, Z), linear (no activation).
         """
         pyramid = self.backbone(images)
-        outputs = {"embeddings": self.head(self.projection(pyramid, voxels))}
+        outputs = {"embeddings": self.head(self.projection(pyramid, voxels), valid)}
         if self.restoration_head is not None:
             outputs["restoration"] = self.restoration_head(pyramid[0])
         return outputs
