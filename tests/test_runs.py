@@ -1,15 +1,14 @@
 """One run per output folder: key checks, run identity, lock, atomic checkpoints and resume (scripts/engine/runs.py)."""
 
+import json
 import os
 import random
-import shutil
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
-from bundle import ROOT
+from bundle import WORKFLOW_LIMIT, command_env, run_command, run_workflow
 from ignite.engine import Engine, Events
 from scripts.engine.runs import CheckpointLoader, CheckpointSaver, RunFolder, checkpoints
 from test_pretrain_bundle import TINY, run_pretrain, write_volumes
@@ -39,18 +38,14 @@ def names(folder):
     return sorted(p.name for p in checkpoints(folder))
 
 
-def last_line(result: subprocess.CompletedProcess) -> str:
-    return result.stderr.strip().splitlines()[-1]
+def pretrain(keys: dict, **changes):
+    return run_workflow("pretrain", "configs/pretrain.yaml", **{**keys, **changes})
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    """A finished 2-epoch DHR run (6 iterations) that checkpoints every 4 iterations."""
-    tmp = tmp_path_factory.mktemp("runs")
-    write_volumes(tmp / "data")
-    result = run_pretrain(tmp, "--checkpoint_interval", "4", epochs=2)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return tmp
+@pytest.fixture
+def base(pretrained):
+    """The session's finished 2-epoch DHR run (6 iterations), checkpointed every 2 iterations (the newest two kept)."""
+    return pretrained.folder
 
 
 def test_final_iteration_is_checkpointed_with_identity_and_random_states(base):
@@ -58,7 +53,7 @@ def test_final_iteration_is_checkpointed_with_identity_and_random_states(base):
     checkpoint = torch.load(base / "out/checkpoints/checkpoint_iteration=6.pt", weights_only=True)
     assert checkpoint["trainer"]["iteration"] == 6
     identity = checkpoint["run"]
-    assert identity == __import__("json").loads((base / "out/run.json").read_text())
+    assert identity == json.loads((base / "out/run.json").read_text())
     assert identity["method"] == "dhr" and identity["patch_size"] == [16, 16, 8] and identity["epoch_length"] == 3
     assert "epochs" not in identity and "num_workers" not in identity
     assert {"torch", "numpy", "python"} <= checkpoint["rng"].keys()
@@ -83,19 +78,18 @@ def test_backbone_and_sidecar_are_written_with_the_run(base):
 @pytest.mark.parametrize(
     "key, value, named",
     [
-        ("epoch_length", "4", "epoch_length is 3 there and 4 now"),
+        ("epoch_length", 4, "epoch_length is 3 there and 4 now"),
         ("augmentations", "vox2vec", 'augmentations is "local" there and "vox2vec" now'),
-        ("amp", "True", "amp is false there and true now"),
-        ("gather_negatives", "True", "gather_negatives is false there and true now"),
+        ("amp", True, "amp is false there and true now"),
+        ("gather_negatives", True, "gather_negatives is false there and true now"),
     ],
 )
-def test_a_run_with_other_keys_is_refused_naming_them(base, key, value, named):
-    before = {p.name: p.stat().st_mtime_ns for p in checkpoints(base / "out/checkpoints")}
-    result = run_pretrain(base, f"--{key}", value, epochs=3)
-    assert result.returncode != 0
-    line = last_line(result)
-    assert line.startswith("error: ") and named in line and "--output_dir" in line and "--resume False" in line, line
-    assert {p.name: p.stat().st_mtime_ns for p in checkpoints(base / "out/checkpoints")} == before
+def test_a_run_with_other_keys_is_refused_naming_them(pretrained, tmp_path, key, value, named):
+    keys = pretrained.copy(tmp_path)
+    before = {p.name: p.stat().st_mtime_ns for p in checkpoints(tmp_path / "out/checkpoints")}
+    line = pretrain(keys, epochs=3, **{key: value}, fails=True).message
+    assert named in line and "--output_dir" in line and "--resume False" in line, line
+    assert {p.name: p.stat().st_mtime_ns for p in checkpoints(tmp_path / "out/checkpoints")} == before
 
 
 @pytest.mark.parametrize("override", [None, "configs/pretrain_pcrl.yaml"])
@@ -112,27 +106,26 @@ def test_the_identity_holds_every_key_that_changes_a_step(override):
         assert {"momentum", "queue_size", "pcrl_temperature", "mixup", "teacher_reconstruction"} <= identity.keys()
 
 
-def test_resume_false_sets_the_old_run_aside(base, tmp_path):
-    shutil.copytree(base / "data", tmp_path / "data")
-    shutil.copytree(base / "out", tmp_path / "out")
-    fresh = run_pretrain(tmp_path, "--resume", "False", epochs=1)
-    assert fresh.returncode == 0, fresh.stderr[-4000:]
-    assert "Resuming" not in fresh.stdout
+def test_resume_false_sets_the_old_run_aside(pretrained, tmp_path):
+    keys = pretrained.copy(tmp_path) | {"checkpoint_interval": 4}  # one epoch: only its final checkpoint
+    fresh = pretrain(keys, resume=False, epochs=1)
+    assert "Resuming" not in fresh.log
     assert names(tmp_path / "out/checkpoints") == ["checkpoint_iteration=3.pt"]
     assert names(tmp_path / "out/checkpoints_old") == ["checkpoint_iteration=4.pt", "checkpoint_iteration=6.pt"]
     assert (tmp_path / "out/checkpoints_old/run.json").is_file()
-    rerun = run_pretrain(tmp_path, epochs=1)
-    assert rerun.returncode == 0, rerun.stderr[-4000:]
-    assert "checkpoint_iteration=3.pt (iteration 3)" in rerun.stdout, rerun.stdout[-2000:]
+    rerun = pretrain(keys, epochs=1)
+    assert "checkpoint_iteration=3.pt (iteration 3)" in rerun.log, rerun.log[-2000:]
 
 
+@pytest.mark.slow
 def test_a_kill_while_a_checkpoint_is_written_keeps_the_previous_one(tmp_path):
+    """A real SIGKILL halfway through a save: a process of its own, through the command line."""
     write_volumes(tmp_path / "data")
     keys = {**TINY, "dataset_dir": tmp_path / "data", "output_dir": tmp_path / "out", "epochs": 2}
+    keys |= {"cache_dir": tmp_path / "cache", "bundle_root": tmp_path}
     cmd = [sys.executable, "-c", KILL_DURING_SAVE, "run", "pretrain", "--config_file", "configs/pretrain.yaml"]
     cmd += [item for key, value in keys.items() for item in (f"--{key}", str(value))]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    killed = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    killed = run_command(cmd, timeout=WORKFLOW_LIMIT, env=command_env(), what="pretraining killed while it saves")
     assert killed.returncode == -9, killed.stderr[-4000:]
     folder = tmp_path / "out/checkpoints"
     assert names(folder) == ["checkpoint_iteration=3.pt"], os.listdir(folder)

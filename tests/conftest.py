@@ -1,0 +1,143 @@
+"""What the whole suite shares: one thread per process, the check that the suite left the repository as it found it,
+and one tiny pretraining that several files read (computed once per session, also across pytest-xdist's workers)."""
+
+from __future__ import annotations
+
+import os
+
+# Before torch is imported: the tensors are tiny, and two threads per process spin-wait on a shared 2-core machine.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import shutil  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+from bundle import ROOT, run_workflow  # noqa: E402
+
+# Not the repository's content: tools' caches, bytecode, virtual environments.
+UNWATCHED = {".git", ".venv", "venv", "__pycache__", ".pytest_cache", ".ruff_cache", ".mypy_cache", "node_modules"}
+
+
+def repository_state(root: Path = ROOT) -> dict[str, tuple[int, int] | None]:
+    """(size, mtime) of every file and None for every folder under `root`, `UNWATCHED` folders left out."""
+    state: dict[str, tuple[int, int] | None] = {}
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in UNWATCHED and not d.startswith(".venv")]
+        relative = os.path.relpath(folder, root)
+        state[relative] = None
+        for name in files:
+            path = os.path.join(folder, name)
+            try:
+                stat = os.lstat(path)
+            except FileNotFoundError:  # removed while walking
+                continue
+            state[os.path.join(relative, name)] = (stat.st_size, stat.st_mtime_ns)
+    return state
+
+
+def _is_worker(config: pytest.Config) -> bool:
+    return hasattr(config, "workerinput")
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    if not _is_worker(session.config):
+        session.config.stash[_BEFORE] = repository_state()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """A test must read and write only its own temporary folders: a file the session created, changed or removed in
+    the repository (e.g. under models/, runs/, data/) fails the session, named in the summary."""
+    before = session.config.stash.get(_BEFORE, None)
+    if before is None:
+        return
+    after = repository_state()
+    changed = sorted(p for p in before.keys() | after.keys() if before.get(p, 0) != after.get(p, 0))
+    session.config.stash[_CHANGED] = changed
+    if changed and exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    changed = config.stash.get(_CHANGED, [])
+    if changed:
+        terminalreporter.section("files the tests changed in the repository", sep="=", red=True, bold=True)
+        terminalreporter.line(f"A test must read and write only its own temporary folders; under {ROOT}:")
+        for path in changed[:50]:
+            terminalreporter.line(f"  {path}")
+        if len(changed) > 50:
+            terminalreporter.line(f"  ... and {len(changed) - 50} more")
+
+
+_BEFORE = pytest.StashKey[dict]()
+_CHANGED = pytest.StashKey[list]()
+
+# ---- the shared tiny pretraining
+
+# The tiny DHR pretraining keys the tests use: a 4-channel, 3-level FPN3d on 16 x 16 x 8 patches.
+PRETRAIN_TINY = {
+    "patch_size": [16, 16, 8],
+    "base_channels": 4,
+    "num_scales": 3,
+    "pairs_per_volume": 2,
+    "voxels_per_pair": 32,
+    "epoch_length": 3,
+    "num_workers": 0,
+    "progress": False,
+}
+
+
+@dataclass(frozen=True)
+class Pretraining:
+    """A finished tiny DHR pretraining, shared by the tests: read it, never write into it (copy it with `copy`).
+
+    2 volumes in `data`, 2 epochs x 3 iterations, a checkpoint every 2 iterations (the newest two kept: 4 and 6),
+    tracked in MLflow (`out/mlruns.db`); `keys` are the keys it ran with and `log` what it logged."""
+
+    folder: Path
+    keys: dict
+    log: str
+
+    @property
+    def data(self) -> Path:
+        return self.folder / "data"
+
+    @property
+    def out(self) -> Path:
+        return self.folder / "out"
+
+    def copy(self, destination: Path) -> dict:
+        """Copies the run's output folder and cache under `destination` and returns the keys that continue it there
+        (the same dataset_dir, as the run's identity holds it)."""
+        shutil.copytree(self.out, destination / "out", ignore=shutil.ignore_patterns("run.lock"))
+        shutil.copytree(self.folder / "cache", destination / "cache")
+        paths = {"output_dir": destination / "out", "cache_dir": destination / "cache", "bundle_root": destination}
+        return {**self.keys, **paths}
+
+
+def _shared_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """This session's folder shared by pytest-xdist's workers (the parent of each worker's own), else its own."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+@pytest.fixture(scope="session")
+def pretrained(tmp_path_factory) -> Pretraining:
+    """The tiny pretraining, run once per session in this process (the first worker to ask runs it, the others wait
+    and read it)."""
+    from filelock import FileLock
+    from test_pretrain_bundle import write_volumes
+
+    folder = _shared_folder(tmp_path_factory) / "shared_pretraining"
+    folder.mkdir(exist_ok=True)
+    keys = {**PRETRAIN_TINY, "epochs": 2, "checkpoint_interval": 2}
+    keys |= {"dataset_dir": folder / "data", "output_dir": folder / "out", "cache_dir": folder / "cache"}
+    keys |= {"bundle_root": folder}
+    with FileLock(str(folder) + ".lock"):
+        if not (folder / "log.txt").is_file():
+            for item in ("data", "out", "cache"):
+                shutil.rmtree(folder / item, ignore_errors=True)  # what a failed attempt left
+            write_volumes(folder / "data")
+            run = run_workflow("pretrain", "configs/pretrain.yaml", tracking="mlflow", **keys)
+            (folder / "log.txt").write_text(run.log)  # last: the run is complete
+    return Pretraining(folder, keys, (folder / "log.txt").read_text())
