@@ -1,5 +1,6 @@
 import pytest
 import torch
+from bundle import ROOT
 from ignite.engine import Engine, Events
 from monai.engines import SupervisedTrainer
 from scripts.engine.training import ExportBackbone, GradientClipping, NonFiniteLossGuard, SSLBatch, latest_checkpoint
@@ -150,12 +151,13 @@ def test_a_pretraining_step_reads_the_device_once_at_most_except_every_log_inter
 
     write_volumes(tmp_path / "data", count=1)
     workflow = ConfigWorkflow(
-        "configs/pretrain.yaml",
+        str(ROOT / "configs/pretrain.yaml"),
+        logging_file=False,
         run_id="pretrain",
         tracking="mlflow",
         **{"patch_size": [16, 16, 8], "base_channels": 4, "num_scales": 3, "pairs_per_volume": 2},
         **{"voxels_per_pair": 32, "epochs": 1, "epoch_length": 8, "log_interval": 4, "num_workers": 0},
-        **{"dataset_dir": str(tmp_path / "data"), "output_dir": str(tmp_path / "out"), "models_dir": str(tmp_path)},
+        **{"dataset_dir": str(tmp_path / "data"), "output_dir": str(tmp_path / "out"), "bundle_root": str(tmp_path)},
     )
     workflow.initialize()
     trainer = workflow.parser.get_parsed_content("train#trainer")
@@ -222,10 +224,11 @@ def test_deterministic_true_trains_every_method_with_deterministic_algorithms_on
     if method == "pcrl":
         keys |= {"volumes_per_batch": 2, "queue_size": 16}
     workflow = ConfigWorkflow(
-        ["configs/pretrain.yaml", *overrides.get(method, [])],
+        [str(ROOT / c) for c in ("configs/pretrain.yaml", *overrides.get(method, []))],
+        logging_file=False,
         run_id="pretrain",
         **keys,
-        **{"dataset_dir": str(tmp_path / "data"), "output_dir": str(tmp_path / "out"), "models_dir": str(tmp_path)},
+        **{"dataset_dir": str(tmp_path / "data"), "output_dir": str(tmp_path / "out"), "bundle_root": str(tmp_path)},
     )
     workflow.initialize()
     modes = []
