@@ -2,14 +2,13 @@
 
 import csv
 import json
-import subprocess
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from bundle import monai_bundle_run
+from bundle import ROOT, run_workflow
 from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 from monai.inferers import SlidingWindowInferer
@@ -18,9 +17,8 @@ from scripts.engine.evaluation import EvaluationSummary, HausdorffDistanceMM
 from scripts.networks.fpn3d import FPN3d
 from scripts.networks.segmentation import segmentation_network
 
-ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ["configs/train.yaml", "configs/evaluate.yaml"]
-TINY = {"patch_size": "[16,16,8]", "base_channels": "4", "num_scales": "3", "num_classes": "2", "num_workers": "0"}
+TINY = {"patch_size": [16, 16, 8], "base_channels": 4, "num_scales": 3, "num_classes": 2, "num_workers": 0}
 SHAPE = (28, 26, 14)
 # Flipped x and y (not RAS) at the MRI preset's 1.5 mm: preprocessing reorients, so the prediction must be flipped
 # back, but it does not resample, so hand counts of voxels stay exact.
@@ -107,6 +105,7 @@ def test_dice_and_hd95_on_the_original_grid_match_hand_computations(tmp_path):
             "model_file": str(tmp_path / "model.pt"),
             "amp": False,
             "device": "cpu",
+            "bundle_root": str(tmp_path),
         }
     )
     parser["network"] = IntensityClassifier()
@@ -166,9 +165,9 @@ def test_summary_skips_undefined_values_and_writes_strict_json(tmp_path):
     assert json.loads((tmp_path / "s.json").read_text()) == summary  # no NaN/Infinity tokens
 
 
-def run_evaluate(tmp: Path, *extra: str, **keys: str) -> subprocess.CompletedProcess:
-    args = {**TINY, "num_folds": "2", "dataset_dir": str(tmp / "data"), "output_dir": str(tmp / "out")}
-    return monai_bundle_run("evaluate", str(CONFIGS), {**args, **keys}, *extra)
+def run_evaluate(tmp: Path, tracking: str | None = None, **keys):
+    args = {**TINY, "num_folds": 2, "dataset_dir": tmp / "data", "output_dir": tmp / "out", "bundle_root": tmp}
+    return run_workflow("evaluate", CONFIGS, tracking=tracking, **{**args, **keys})
 
 
 @pytest.fixture(scope="module")
@@ -188,13 +187,12 @@ def test_evaluate_writes_per_case_csv_summary_overlays_and_logs_to_mlflow(labell
     model_file, backbone = str(labelled / "model.pt"), str(labelled / "backbone.pt")
     # a model file without a sidecar: its preprocessing must be given (TINY gives the patch size)
     keys = {"model_file": model_file, "pretrained_ckpt": backbone, "modality": "mri"}
-    result = run_evaluate(labelled, "--tracking", "mlflow", **keys)
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert f"Evaluating the trained model {model_file}" in result.stdout
-    assert "from scratch" not in result.stdout and "loaded from" not in result.stdout
+    run = run_evaluate(labelled, tracking="mlflow", **keys)
+    assert f"Evaluating the trained model {model_file}" in run.log
+    assert "from scratch" not in run.log and "loaded from" not in run.log
     # The random model predicts some classes nowhere: undefined values must not make numpy or MONAI warn.
     for warning in ("always_return_as_numpy", "Mean of empty slice", "All-NaN slice", "Degrees of freedom"):
-        assert warning not in result.stderr, result.stderr[-4000:]
+        assert not [w for w in [*run.warnings, run.log] if warning in w], run.warnings
     test_cases = split_cases(labelled_datalist(labelled / "data"), None, 0, 2, 1, 0)["test"]
     out = labelled / "out/evaluation"
     summary = json.loads((out / "summary.json").read_text())

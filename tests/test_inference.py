@@ -10,13 +10,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from bundle import monai_bundle_run
+from bundle import ROOT, monai_bundle_run, run_workflow
 from monai.bundle import ConfigParser, verify_net_in_out
 from scripts.data.inference_inputs import mask_root, segmentation_inputs
 from scripts.networks.segmentation import segmentation_network
 from scripts.utils.errors import BundleError
 
-ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = ROOT / "tests" / "schema" / "meta_schema_20240725.json"
 # the models here are plain state dicts: their preprocessing is given, as their shapes cannot tell it
 TINY = {
@@ -93,20 +92,37 @@ def images(tmp_path_factory):
     return tmp, blobs
 
 
-def test_bundle_run_writes_masks_with_the_input_shape_and_affine(images):
-    tmp, _ = images
-    keys = {**TINY, "dataset_dir": tmp / "images", "output_dir": tmp / "out", "model_file": tmp / "model.pt"}
-    result = monai_bundle_run(None, "configs/inference.json", {k: str(v).replace(" ", "") for k, v in keys.items()})
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert f"Segmenting 2 images with the trained model {tmp / 'model.pt'}" in result.stdout
-    assert "from scratch" not in result.stdout
+def check_masks(tmp: Path, out: Path) -> None:
+    """Each input's mask is on the input's grid: shape, affine, uint8 labels 0..2."""
     for name in ("first.nii.gz", "second.nii"):
         source = nib.load(tmp / "images" / name)
-        mask = nib.load(tmp / "out" / (name.split(".")[0] + "_seg.nii.gz"))
+        mask = nib.load(out / (name.split(".")[0] + "_seg.nii.gz"))
         assert mask.shape == source.shape
         np.testing.assert_allclose(mask.affine, source.affine, atol=1e-5)
         assert mask.get_data_dtype() == np.uint8
         assert set(np.unique(np.asarray(mask.dataobj))) <= {0, 1, 2}
+
+
+def test_a_run_writes_masks_with_the_input_shape_and_affine(images, tmp_path):
+    tmp, _ = images
+    keys = {"dataset_dir": tmp / "images", "output_dir": tmp_path / "out", "model_file": tmp / "model.pt"}
+    log = run_workflow(None, "configs/inference.json", **TINY, **keys, bundle_root=tmp_path).log
+    assert f"Segmenting 2 images with the trained model {tmp / 'model.pt'}" in log
+    assert "from scratch" not in log
+    check_masks(tmp, tmp_path / "out")
+
+
+@pytest.mark.slow
+def test_command_line_writes_masks_with_the_input_shape_and_affine(images, tmp_path):
+    """The command line's smoke test of inference."""
+    tmp, _ = images
+    keys = {**TINY, "dataset_dir": tmp / "images", "output_dir": tmp_path / "out", "model_file": tmp / "model.pt"}
+    keys = {k: str(v).replace(" ", "") for k, v in {**keys, "bundle_root": tmp_path}.items()}
+    result = monai_bundle_run(None, "configs/inference.json", keys)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert f"Segmenting 2 images with the trained model {tmp / 'model.pt'}" in result.stdout
+    check_masks(tmp, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"], "nothing beside the run's folder"
 
 
 def test_masks_land_on_the_structures_of_the_input_grid(images, tmp_path):
@@ -122,6 +138,7 @@ def test_masks_land_on_the_structures_of_the_input_grid(images, tmp_path):
             "model_file": str(tmp_path / "empty.pt"),
             "amp": False,
             "device": "cpu",
+            "bundle_root": str(tmp_path),
         }
     )
     parser["network"] = ThresholdClassifier()
@@ -147,7 +164,7 @@ def test_same_named_scans_in_two_sub_folders_get_a_mask_each_on_their_own_grid(i
         "output_dir": str(tmp_path / "out"),
         "model_file": str(tmp_path / "empty.pt"),
     }
-    parser.update({**TINY, **keys, "amp": False, "device": "cpu"})
+    parser.update({**TINY, **keys, "amp": False, "device": "cpu", "bundle_root": str(tmp_path)})
     parser["network"] = ThresholdClassifier()
     parser.get_parsed_content("evaluator").run()
     assert sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*.nii.gz")) == [
@@ -209,19 +226,22 @@ def test_verify_net_in_out_passes_with_the_proposed_metadata(tmp_path, monkeypat
     (tmp_path / "metadata.json").write_text(json.dumps(metadata))
     monkeypatch.chdir(ROOT)
     # What `python -m monai.bundle verify_net_in_out --net_id network_def --meta_file ... --config_file ...` runs;
-    # it raises if the output's channels or dtype differ from the metadata.
+    # it raises if the output's channels or dtype differ from the metadata. The bundle root is this test's folder:
+    # the network is the default one, whatever models/model.pt a user has put in the repository.
     verify_net_in_out(
         net_id="network_def",
         meta_file=str(tmp_path / "metadata.json"),
         config_file="configs/inference.json",
         device="cpu",
+        bundle_root=str(tmp_path),
     )
 
 
-def test_network_def_returns_one_tensor_and_is_scriptable():
+def test_network_def_returns_one_tensor_and_is_scriptable(tmp_path):
     parser = ConfigParser()
     parser.read_config(str(ROOT / "configs/inference.json"))
     parser.update({k: v for k, v in TINY.items() if k in ("base_channels", "num_scales", "num_classes")})
+    parser["bundle_root"] = str(tmp_path)  # the default model_file (models/model.pt) is not the repository's
     net = parser.get_parsed_content("network_def").eval()
     x = torch.rand(1, 1, 16, 16, 8)
     with torch.no_grad():
@@ -231,9 +251,9 @@ def test_network_def_returns_one_tensor_and_is_scriptable():
     torch.testing.assert_close(scripted, out)
 
 
-def _infer(images: Path, output_dir: Path, model_file: Path):
-    keys = {**TINY, "dataset_dir": images, "output_dir": output_dir, "model_file": model_file}
-    return monai_bundle_run(None, "configs/inference.json", {k: str(v).replace(" ", "") for k, v in keys.items()})
+def _infer(images: Path, output_dir: Path, model_file: Path, bundle_root: Path):
+    keys = {"dataset_dir": images, "output_dir": output_dir, "model_file": model_file, "bundle_root": bundle_root}
+    return run_workflow(None, "configs/inference.json", **TINY, **keys)
 
 
 @pytest.mark.parametrize("output", [".", "masks"])
@@ -241,8 +261,7 @@ def test_a_second_run_into_the_input_folder_does_not_segment_its_own_masks(image
     tmp, _ = images
     shutil.copytree(tmp / "images", tmp_path / "images")
     for run in range(2):
-        result = _infer(tmp_path / "images", tmp_path / "images" / output, tmp / "model.pt")
-        assert result.returncode == 0, result.stderr[-4000:]
-        assert "Segmenting 2 images" in result.stdout, f"run {run + 1}"
+        log = _infer(tmp_path / "images", tmp_path / "images" / output, tmp / "model.pt", tmp_path).log
+        assert "Segmenting 2 images" in log, f"run {run + 1}"
     written = sorted(p.name for p in (tmp_path / "images" / output).glob("*_seg.nii.gz"))
     assert written == ["first_seg.nii.gz", "second_seg.nii.gz"]

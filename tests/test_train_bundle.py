@@ -1,4 +1,5 @@
-"""End to end: fine-tuning and linear evaluation through `python -m monai.bundle run` on tiny labelled volumes."""
+"""End to end: fine-tuning and linear evaluation on tiny labelled volumes, in this process as `python -m monai.bundle
+run` runs them; in the slow tier, through the command line itself."""
 
 import json
 import subprocess
@@ -8,24 +9,25 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from bundle import monai_bundle_run
+from bundle import ROOT, monai_bundle_run, run_workflow
 from scripts.networks.fpn3d import FPN3d
 from scripts.networks.segmentation import segmentation_network
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = {
-    "patch_size": "[16,16,8]",
-    "base_channels": "4",
-    "num_scales": "3",
-    "num_classes": "2",
-    "num_folds": "5",
-    "epochs": "2",
-    "epoch_length": "2",
-    "val_interval": "1",
-    "volumes_per_batch": "2",
-    "num_workers": "0",
-    "progress": "False",
+TRAIN = {
+    "patch_size": [16, 16, 8],
+    "base_channels": 4,
+    "num_scales": 3,
+    "num_classes": 2,
+    "num_folds": 5,
+    "epochs": 2,
+    "epoch_length": 2,
+    "val_interval": 1,
+    "volumes_per_batch": 2,
+    "num_workers": 0,
+    "progress": False,
 }
+TINY = {key: str(value).replace(" ", "") for key, value in TRAIN.items()}  # as typed on the command line
+LINEAR = ["configs/train.yaml", "configs/linear_eval.yaml"]
 
 
 def write_cases(folder: Path, count: int = 5) -> None:
@@ -46,8 +48,15 @@ def write_cases(folder: Path, count: int = 5) -> None:
 
 
 def run_bundle(tmp: Path, *extra: str, config="configs/train.yaml", **keys: str) -> subprocess.CompletedProcess:
-    paths = {"dataset_dir": tmp / "data", "output_dir": tmp / "out"}
+    """``python -m monai.bundle run`` with the tiny keys and this folder's data, outputs and root."""
+    paths = {"dataset_dir": tmp / "data", "output_dir": tmp / "out", "bundle_root": tmp}
     return monai_bundle_run(None, config, {**TINY, **paths, **keys}, *extra)
+
+
+def train(tmp: Path, configs="configs/train.yaml", tracking: str | None = None, **keys):
+    """The tiny training in this process with this folder's data, outputs and root."""
+    paths = {"dataset_dir": tmp / "data", "output_dir": tmp / "out", "bundle_root": tmp}
+    return run_workflow(None, configs, tracking=tracking, **{**TRAIN, **paths, **keys})
 
 
 @pytest.fixture(scope="module")
@@ -68,11 +77,8 @@ def trained_model(path: Path):
 def test_fine_tuning_freezes_the_backbone_for_the_warm_up_then_trains_it(labelled):
     # validating only after epoch 2 makes model.pt (the best validation checkpoint) hold the post-warm-up weights
     checkpoint = str(labelled / "backbone.pt")
-    result = run_bundle(
-        labelled, "--tracking", "mlflow", pretrained_ckpt=checkpoint, warmup_epochs="1", val_interval="2"
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert "epochs 1-1: backbone frozen" in result.stdout and "epoch 2: backbone unfrozen" in result.stdout
+    log = train(labelled, tracking="mlflow", pretrained_ckpt=checkpoint, warmup_epochs=1, val_interval=2).log
+    assert "epochs 1-1: backbone frozen" in log and "epoch 2: backbone unfrozen" in log
     pretrained = torch.load(labelled / "backbone.pt", weights_only=True)
     tuned = trained_model(labelled / "out/model.pt").backbone.state_dict()
     changed = [k for k in pretrained if not torch.equal(pretrained[k], tuned[k])]
@@ -90,17 +96,25 @@ def test_fine_tuning_freezes_the_backbone_for_the_warm_up_then_trains_it(labelle
 
 
 def test_linear_evaluation_leaves_the_backbone_bitwise_unchanged(labelled):
-    result = run_bundle(
-        labelled,
-        config="['configs/train.yaml','configs/linear_eval.yaml']",
-        pretrained_ckpt=str(labelled / "backbone.pt"),
-        output_dir=str(labelled / "linear"),
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
+    train(labelled, LINEAR, pretrained_ckpt=str(labelled / "backbone.pt"), output_dir=str(labelled / "linear"))
     pretrained = torch.load(labelled / "backbone.pt", weights_only=True)
     probed = trained_model(labelled / "linear/model.pt")
     for key, value in probed.backbone.state_dict().items():
         assert torch.equal(value, pretrained[key]), key
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("configs", ["configs/train.yaml", str(LINEAR).replace(" ", "")])
+def test_command_line_fine_tunes_and_probes(tmp_path, configs):
+    """The command line's smoke test of fine-tuning (with a warm-up) and of linear evaluation."""
+    write_cases(tmp_path / "data")
+    torch.save(FPN3d(1, 4, 3).state_dict(), tmp_path / "backbone.pt")
+    keys = {"pretrained_ckpt": tmp_path / "backbone.pt", "epochs": "1"}
+    result = run_bundle(tmp_path, config=configs, **keys, **({} if "linear" in configs else {"warmup_epochs": "1"}))
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "backbone frozen" in result.stdout
+    assert sorted(p.name for p in (tmp_path / "out").glob("model.*")) == ["model.json", "model.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["backbone.pt", "data", "out"], "nothing beside the run"
 
 
 def test_patches_are_class_balanced_from_labelled_volumes_cached_in_memory(tmp_path):
@@ -124,6 +138,7 @@ def test_patches_are_class_balanced_from_labelled_volumes_cached_in_memory(tmp_p
     parser.read_config(str(ROOT / "configs/train.yaml"))
     keys = {"patch_size": [8, 8, 4], "num_classes": 2, "num_val_cases": 0, "num_workers": 0, "progress": False}
     parser.update({**keys, "dataset_dir": str(tmp_path / "data"), "output_dir": str(tmp_path / "out")})
+    parser["bundle_root"] = str(tmp_path)
     volumes, patches = parser.get_parsed_content("train#volumes"), parser.get_parsed_content("train#dataset")
     assert volumes[0] is volumes[0], "the deterministic part is computed once and held in memory"
     assert volumes[0]["label"].dtype == torch.uint8

@@ -5,15 +5,15 @@ import json
 import nibabel as nib
 import pytest
 import torch
-from bundle import monai_bundle_run
+from bundle import run_workflow
 from scripts.data.splits import datalist_digest, labelled_datalist
 from scripts.engine.weights import read_info, sidecar
 from scripts.networks.fpn3d import FPN3d
 from test_train_bundle import write_cases
 
 # Only run-length and data keys: the network and preprocessing keys come from the weights.
-SHORT = {"epochs": "1", "epoch_length": "2", "val_interval": "1", "num_workers": "0", "progress": "False"}
-SPLIT = {"num_folds": "5"}  # a data key: evaluation must pick the same test cases
+SHORT = {"epochs": 1, "epoch_length": 2, "val_interval": 1, "num_workers": 0, "progress": False}
+SPLIT = {"num_folds": 5}  # a data key: evaluation must pick the same test cases
 
 
 @pytest.fixture(scope="module")
@@ -24,10 +24,9 @@ def trained(tmp_path_factory):
     write_cases(tmp / "data")
     torch.manual_seed(0)
     torch.save(FPN3d(1, 4, 4).state_dict(), tmp / "vox2vec.pt")
-    keys = {"num_classes": "2", "modality": "ct", "patch_size": "[16,16,8]", "volumes_per_batch": "2"}
+    keys = {"num_classes": 2, "modality": "ct", "patch_size": [16, 16, 8], "volumes_per_batch": 2}
     paths = {"dataset_dir": tmp / "data", "output_dir": tmp / "train", "pretrained_ckpt": tmp / "vox2vec.pt"}
-    result = monai_bundle_run(None, "configs/train.yaml", {**SHORT, **SPLIT, **keys, **paths})
-    assert result.returncode == 0, result.stderr[-4000:]
+    run_workflow(None, "configs/train.yaml", **SHORT, **SPLIT, **keys, **paths, bundle_root=tmp)
     return tmp
 
 
@@ -62,9 +61,8 @@ def test_the_model_file_carries_its_description(trained):
 
 
 def test_evaluate_reads_the_model_file(trained):
-    keys = {"dataset_dir": trained / "data", "output_dir": trained / "train", "num_workers": "0", **SPLIT}
-    result = monai_bundle_run("evaluate", "['configs/train.yaml','configs/evaluate.yaml']", keys)
-    assert result.returncode == 0, result.stderr[-4000:]
+    keys = {"dataset_dir": trained / "data", "output_dir": trained / "train", "num_workers": 0, **SPLIT}
+    run_workflow("evaluate", ["configs/train.yaml", "configs/evaluate.yaml"], **keys, bundle_root=trained)
     summary = json.loads((trained / "train/evaluation/summary.json").read_text())
     assert set(summary["dice_per_class"]) == {"1", "2"}
 
@@ -72,8 +70,7 @@ def test_evaluate_reads_the_model_file(trained):
 def test_inference_reads_the_model_file(trained):
     images = trained / "data/imagesTr"
     keys = {"dataset_dir": images, "output_dir": trained / "masks", "model_file": trained / "train/model.pt"}
-    result = monai_bundle_run(None, "configs/inference.json", {**keys, "num_workers": "0"})
-    assert result.returncode == 0, result.stderr[-4000:]
+    run_workflow(None, "configs/inference.json", **keys, num_workers=0, bundle_root=trained)
     masks = sorted((trained / "masks").glob("*_seg.nii.gz"))
     assert len(masks) == 5
     assert nib.load(masks[0]).shape == nib.load(images / "case_0.nii.gz").shape
