@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from bundle import ROOT, WORKFLOW_LIMIT, run_command
 
-ROOT = Path(__file__).resolve().parents[1]
 NAME = "dhr_ct_mri_pretraining"
 VERSION = "0.3.0"
 MODEL_ZOO = Path(os.environ.get("MODEL_ZOO_DIR", "/work/model-zoo"))
@@ -36,11 +36,11 @@ class QuietHandler(SimpleHTTPRequestHandler):
         pass
 
 
-def fresh_python(script: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+def fresh_python(script: str, cwd: Path) -> subprocess.CompletedProcess:
     """Runs ``script`` in a new interpreter in ``cwd``, without the repository on its path."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-c", textwrap.dedent(script)]
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return run_command(cmd, timeout=WORKFLOW_LIMIT, cwd=cwd, env=env, what="the Zoo user's script in a fresh process")
 
 
 @pytest.fixture(scope="module")
@@ -59,28 +59,23 @@ def server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def release(server, tmp_path_factory):
-    """Pretrains and fine-tunes a tiny network on synthetic volumes (in this process, as the Zoo's tests run
-    workflows), then releases it into the served folder."""
+def release(server, pretrained, tmp_path_factory):
+    """Fine-tunes a tiny network from the session's shared pretraining (in this process, as the Zoo's tests run
+    workflows), then releases both into the served folder."""
     from scripts.tools.release import release as make_release
-    from test_pretrain_bundle import write_volumes
     from test_train_bundle import write_cases
     from test_zoo_workflows import zoo_workflow
 
     upload, base_url = server
     tmp = tmp_path_factory.mktemp("release")
-    write_volumes(tmp / "volumes")
     write_cases(tmp / "labelled")
-    backbone, model = tmp / "backbone.pt", tmp / "model.pt"
-    keys = {**TRAIN, **ARCHITECTURE, "models_dir": str(tmp / "m")}
-    pretrain = {"dataset_dir": str(tmp / "volumes"), "output_dir": str(tmp / "pre"), "backbone_file": str(backbone)}
+    backbone, model = pretrained.out / "pretrained_backbone.pt", tmp / "model.pt"
     train = {"dataset_dir": str(tmp / "labelled"), "output_dir": str(tmp / "train"), "model_file": str(model)}
     train |= {"pretrained_ckpt": str(backbone), "warmup_epochs": 0, "val_interval": 1, "num_folds": 5}
     handlers = logging.getLogger().handlers[:]
-    for config, overrides in (("pretrain.yaml", {**pretrain, "pairs_per_volume": 2}), ("train.yaml", train)):
-        workflow = zoo_workflow(config, "train", **keys, **overrides)
-        workflow.run()
-        workflow.finalize()
+    workflow = zoo_workflow("train.yaml", "train", tmp, **TRAIN, **ARCHITECTURE, **train)
+    workflow.run()
+    workflow.finalize()
     logging.getLogger().handlers[:] = handlers
     make_release(VERSION, base_url, model, backbone, output_dir=upload)
     return {"upload": upload, "url": base_url, "model": model, "backbone": backbone, "tmp": tmp}
@@ -119,6 +114,7 @@ def test_release_holds_what_the_zoo_packages(release):
         assert entry["hash_type"] == "sha256" and entry["hash_val"] == hashlib.sha256(served.read_bytes()).hexdigest()
 
 
+@pytest.mark.slow
 def test_download_load_and_check_in_a_fresh_process(release, tmp_path):
     """In a new interpreter in another folder, what a Zoo user runs: download the zip, load the network, the backbone,
     and the backbone into their own network. `scripts` is then the downloaded bundle's: its folder goes on sys.path
@@ -169,6 +165,7 @@ def test_download_load_and_check_in_a_fresh_process(release, tmp_path):
     assert (submitted / "model.pt").read_bytes() == release["model"].read_bytes()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (MODEL_ZOO / "ci/verify_bundle.py").is_file(), reason=f"no model-zoo copy at {MODEL_ZOO}")
 @pytest.mark.parametrize("source, mode", [("zip", "full"), ("submission", "min")])  # full runs min's checks too
 def test_model_zoo_verify_bundle(release, tmp_path, source, mode):
@@ -185,7 +182,7 @@ def test_model_zoo_verify_bundle(release, tmp_path, source, mode):
     shutil.copy(SCHEMA, models / NAME / "eval/schema.json")
     cmd = [sys.executable, str(MODEL_ZOO / "ci/verify_bundle.py"), "-b", NAME, "-p", str(models), "-m", mode]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    result = run_command(cmd, timeout=WORKFLOW_LIMIT, cwd=tmp_path, env=env, what="the Model Zoo's verify_bundle.py")
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "directory is verified correctly." in result.stdout
     assert "metadata format is verified correctly." in result.stdout

@@ -1,7 +1,8 @@
 """The Model Zoo's unit-test style: every workflow built by MONAI's `ConfigWorkflow` with the bundle's logging and
 metadata files and the bundle root on `sys.path`, its properties checked (`check_properties() == []`), then run on
 synthetic NIfTI volumes: train, train + evaluate, inference, pretrain. Also the Zoo user's habit of running the default
-run id `run` from the command line."""
+run id `run` from the command line (slow tier). The bundle root is each test's folder, where the configs' default
+outputs then go, instead of the repository."""
 
 import json
 import logging
@@ -10,10 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from bundle import monai_bundle_run
+from bundle import ROOT, monai_bundle_run
 from monai.bundle import ConfigWorkflow, create_workflow
 
-ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 TRAIN = {
     "patch_size": [16, 16, 8],
@@ -41,8 +41,9 @@ PRETRAIN = {
 }
 
 
-def zoo_workflow(config: str | list[str], workflow_type: str, **override) -> ConfigWorkflow:
-    """What the Zoo's tests build: a workflow with the bundle's logging and metadata files, initialised."""
+def zoo_workflow(config: str | list[str], workflow_type: str, bundle_root: Path, **override) -> ConfigWorkflow:
+    """What the Zoo's tests build: a workflow with the bundle's logging and metadata files, initialised; its
+    `bundle_root` a temporary folder (the Zoo gives the bundle's folder, where the default outputs would go)."""
     if str(ROOT) not in sys.path:  # the Zoo puts the bundle root on the path so that `scripts` imports
         sys.path.insert(0, str(ROOT))
     files = [str(CONFIGS / c) for c in ([config] if isinstance(config, str) else config)]
@@ -51,7 +52,7 @@ def zoo_workflow(config: str | list[str], workflow_type: str, **override) -> Con
         workflow_type=workflow_type,
         logging_file=str(CONFIGS / "logging.conf"),
         meta_file=str(CONFIGS / "metadata.json"),
-        bundle_root=str(ROOT),
+        bundle_root=str(bundle_root),
         **override,
     )
 
@@ -83,7 +84,7 @@ def trained(tmp_path_factory):
     keys = {**TRAIN, "dataset_dir": str(tmp / "data"), "output_dir": str(tmp / "out")}
     root = logging.getLogger()
     handlers = root.handlers[:]
-    check_and_run(zoo_workflow("train.yaml", "train", **keys))
+    check_and_run(zoo_workflow("train.yaml", "train", tmp, **keys))
     root.handlers[:] = handlers
     assert (tmp / "out/model.pt").is_file()
     return tmp, keys
@@ -93,7 +94,7 @@ def test_train_then_evaluate_as_the_zoo_runs_it(trained):
     tmp, keys = trained
     model = (tmp / "out/model.pt").read_bytes()
     # train.yaml + evaluate.yaml under the default run id `run` evaluates, and trains nothing
-    check_and_run(zoo_workflow(["train.yaml", "evaluate.yaml"], "train", **keys))
+    check_and_run(zoo_workflow(["train.yaml", "evaluate.yaml"], "train", tmp, **keys))
     summary = json.loads((tmp / "out/evaluation/summary.json").read_text())
     assert summary["num_cases"] == 1 and set(summary["dice_per_class"]) == {"1", "2"}
     assert (tmp / "out/model.pt").read_bytes() == model
@@ -105,6 +106,7 @@ def test_inference_as_the_zoo_runs_it(trained):
     workflow = zoo_workflow(
         "inference.json",
         "infer",
+        tmp,
         **keys,
         dataset_dir=str(tmp / "data/imagesTr"),
         output_dir=str(tmp / "masks"),
@@ -119,16 +121,19 @@ def test_pretrain_under_the_default_run_id(tmp_path):
 
     write_volumes(tmp_path / "data")
     keys = {**PRETRAIN, "dataset_dir": str(tmp_path / "data"), "output_dir": str(tmp_path / "out")}
-    workflow = zoo_workflow("pretrain.yaml", "train", **keys, cache_dir=str(tmp_path / "cache"))
+    workflow = zoo_workflow("pretrain.yaml", "train", tmp_path, **keys, cache_dir=str(tmp_path / "cache"))
     check_and_run(workflow)
     backbone = torch.load(workflow.parser.get_parsed_content("backbone_file"), weights_only=True)
     assert "first_conv.weight" in backbone
 
 
-def test_command_line_run_id_run_evaluates_train_plus_evaluate(trained):
+@pytest.mark.slow
+def test_command_line_run_id_run_evaluates_train_plus_evaluate(trained, tmp_path):
+    """The command line's smoke test of evaluation, under the default run id."""
     tmp, keys = trained
     args = {k: json.dumps(v) for k, v in keys.items() if k not in ("dataset_dir", "output_dir")}
     paths = {"dataset_dir": tmp / "data", "output_dir": tmp / "cli", "model_file": tmp / "out/model.pt"}
+    paths |= {"bundle_root": tmp_path}
     result = monai_bundle_run(None, "['configs/train.yaml','configs/evaluate.yaml']", {**args, **paths})
     assert result.returncode == 0, result.stderr[-4000:]
     assert "Evaluating" in result.stdout and "Training on" not in result.stdout
