@@ -30,6 +30,17 @@ TIMEOUT_SCALE = float(os.environ.get("DHR_TEST_TIMEOUT_SCALE", "1"))
 # Limits in seconds, before scaling: a tiny workflow takes about 15 s on an idle core.
 WORKFLOW_LIMIT = 1200
 HELP_LIMIT = 600
+# The tiny DHR pretraining keys of the in-process runs: a 4-channel, 3-level FPN3d on 16 x 16 x 8 patches.
+PRETRAIN_TINY = {
+    "patch_size": [16, 16, 8],
+    "base_channels": 4,
+    "num_scales": 3,
+    "pairs_per_volume": 2,
+    "voxels_per_pair": 32,
+    "epoch_length": 3,
+    "num_workers": 0,
+    "progress": False,
+}
 
 
 def limit(seconds: float) -> float:

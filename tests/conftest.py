@@ -13,7 +13,7 @@ from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
-from bundle import ROOT, run_workflow  # noqa: E402
+from bundle import PRETRAIN_TINY, ROOT, run_workflow  # noqa: E402
 
 # Not the repository's content: tools' caches, bytecode, virtual environments.
 UNWATCHED = {".git", ".venv", "venv", "__pycache__", ".pytest_cache", ".ruff_cache", ".mypy_cache", "node_modules"}
@@ -73,18 +73,6 @@ _BEFORE = pytest.StashKey[dict]()
 _CHANGED = pytest.StashKey[list]()
 
 # ---- the shared tiny pretraining
-
-# The tiny DHR pretraining keys the tests use: a 4-channel, 3-level FPN3d on 16 x 16 x 8 patches.
-PRETRAIN_TINY = {
-    "patch_size": [16, 16, 8],
-    "base_channels": 4,
-    "num_scales": 3,
-    "pairs_per_volume": 2,
-    "voxels_per_pair": 32,
-    "epoch_length": 3,
-    "num_workers": 0,
-    "progress": False,
-}
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from bundle import ROOT, monai_bundle_run, run_workflow
-from conftest import PRETRAIN_TINY
+from bundle import PRETRAIN_TINY, ROOT, monai_bundle_run, run_workflow
 from monai.bundle import ConfigParser
 from test_pretrain_bundle import TINY, write_volumes
 

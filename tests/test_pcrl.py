@@ -1,5 +1,5 @@
 """PCRL (scripts/ssl/pcrl.py, configs/pretrain_pcrl.yaml): units on tiny tensors, then the bundle run end to end on
-CPU."""
+CPU, in this process as `python -m monai.bundle run` runs it (the command line itself in the slow tier)."""
 
 import itertools
 import math
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from bundle import monai_bundle_run
+from bundle import PRETRAIN_TINY, ROOT, monai_bundle_run, run_workflow
 from ignite.handlers import Checkpoint
 from monai.bundle import ConfigParser
 from scripts.engine.training import GradientClipping
@@ -27,8 +27,7 @@ from scripts.ssl.pcrl import (
 )
 from test_pretrain_bundle import TINY, write_volumes
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = "['configs/pretrain.yaml','configs/pretrain_pcrl.yaml']"
+CONFIGS = ["configs/pretrain.yaml", "configs/pretrain_pcrl.yaml"]
 PATCH = (16, 16, 8)
 MIXUP_TERMS = {"infonce_mixup", "mse_student_mixup", "mse_hybrid_mixup"}
 PLAIN_TERMS = {"infonce", "mse_student", "mse_hybrid"}
@@ -219,7 +218,7 @@ def test_teacher_reconstruction_is_an_optional_fifth_term_that_trains_the_decode
 
 def test_config_batches_many_volumes_with_one_pair_each_and_the_official_terms():
     parser = ConfigParser()
-    parser.read_config(["configs/pretrain.yaml", "configs/pretrain_pcrl.yaml"])
+    parser.read_config([str(ROOT / c) for c in CONFIGS])
     assert parser.get_parsed_content("pairs_per_volume") == 1 and parser.get_parsed_content("volumes_per_batch") == 16
     terms = parser.get_parsed_content("loss").term_names
     assert terms == ["infonce", "infonce_mixup", "mse_student", "mse_hybrid", "mse_student_mixup", "mse_hybrid_mixup"]
@@ -263,24 +262,31 @@ def test_trainer_updates_teacher_and_queue_and_checkpoint_round_trip_restores_th
 def test_gradient_clipping_follows_grad_clip(pcrl, tmp_path):
     """DHR clips at 1.0; PCRL's grad_clip null removes the handler."""
     parser = ConfigParser()
-    parser.read_config(["configs/pretrain.yaml", "configs/pretrain_pcrl.yaml"][: 1 + pcrl])
+    parser.read_config([str(ROOT / c) for c in CONFIGS[: 1 + pcrl]])
     parser["output_dir"] = str(tmp_path)  # TensorBoard's handler makes its folder
+    parser["bundle_root"] = str(tmp_path)
     handlers = parser.get_parsed_content("train#handlers", instantiate=True)
     assert any(isinstance(h, GradientClipping) for h in handlers) != pcrl
 
 
+# PCRL's tiny keys: one pair per volume, 3 volumes a batch (more than the 2 volumes: drawn with replacement)
+KEYS = {"pairs_per_volume": 1, "volumes_per_batch": 3, "queue_size": 64}
+
+
 def run_pcrl(tmp: Path, *extra: str, epochs: int, out: str = "out") -> subprocess.CompletedProcess:
-    args = {
-        **TINY,
-        "pairs_per_volume": "1",
-        "volumes_per_batch": "3",  # more than the 2 volumes: drawn with replacement
-        "queue_size": "64",
-        "dataset_dir": str(tmp / "data"),
-        "output_dir": str(tmp / out),
-        "cache_dir": str(tmp / "cache"),
-        "epochs": str(epochs),
-    }
-    return monai_bundle_run("pretrain", CONFIGS, args, *extra)
+    """``python -m monai.bundle run pretrain`` of PCRL with the tiny keys in this folder."""
+    args = {**TINY, **{k: str(v) for k, v in KEYS.items()}, "epochs": str(epochs), **paths(tmp, out)}
+    return monai_bundle_run("pretrain", str(CONFIGS).replace(" ", ""), args, *extra)
+
+
+def paths(tmp: Path, out: str = "out") -> dict:
+    return {"dataset_dir": tmp / "data", "output_dir": tmp / out, "cache_dir": tmp / "cache", "bundle_root": tmp}
+
+
+def pcrl(tmp: Path, epochs: int, out: str = "out", tracking: str | None = None, fails: bool = False, **keys):
+    """PCRL's tiny pretraining in this process."""
+    keys = {**PRETRAIN_TINY, **KEYS, "epochs": epochs, **paths(tmp, out), **keys}
+    return run_workflow("pretrain", CONFIGS, tracking=tracking, fails=fails, **keys)
 
 
 @pytest.fixture(scope="module")
@@ -288,13 +294,11 @@ def runs(tmp_path_factory):
     """A 3-epoch run tracked in MLflow, then, without its final checkpoint, the same run resumed at iteration 6."""
     tmp = tmp_path_factory.mktemp("pcrl")
     write_volumes(tmp / "data")
-    first = run_pcrl(tmp, "--tracking", "mlflow", epochs=3)
-    assert first.returncode == 0, first.stderr[-4000:]
+    pcrl(tmp, epochs=3, tracking="mlflow")
     checkpoint = torch.load(tmp / "out/checkpoints/checkpoint_iteration=6.pt", weights_only=False)
     (tmp / "out/checkpoints/checkpoint_iteration=9.pt").unlink()  # as if killed before the last step's checkpoint
-    resumed = run_pcrl(tmp, epochs=3)
-    assert resumed.returncode == 0, resumed.stderr[-4000:]
-    return tmp, checkpoint, resumed.stdout + resumed.stderr
+    resumed = pcrl(tmp, epochs=3)
+    return tmp, checkpoint, resumed.log
 
 
 def test_checkpoint_holds_teacher_queue_and_schedule(runs):
@@ -337,15 +341,24 @@ def test_resumes_at_the_saved_iteration_and_exports_the_student(runs):
 
 def test_a_longer_run_is_refused_naming_epochs(runs):
     tmp, _, _ = runs
-    result = run_pcrl(tmp, epochs=4)
-    assert result.returncode != 0
-    assert re.search(r"epochs is 3 there and 4 now", result.stderr.strip().splitlines()[-1]), result.stderr[-2000:]
+    message = pcrl(tmp, epochs=4, fails=True).message
+    assert re.search(r"epochs is 3 there and 4 now", message), message
 
 
 def test_mixup_off_removes_the_mixup_terms(runs):
     tmp, _, _ = runs
-    result = run_pcrl(tmp, "--mixup", "False", epochs=1, out="no_mixup")  # its own run: mixup defines the run
-    assert result.returncode == 0, result.stderr[-4000:]
-    log = result.stdout + result.stderr
+    log = pcrl(tmp, epochs=1, out="no_mixup", mixup=False).log  # its own run: mixup defines the run
     logged = set(re.findall(r"(\w+): [-\d.e]+", re.search(r"Epoch\[1\] Metrics -- (.*)", log).group(1)))
     assert logged == PLAIN_TERMS, logged
+
+
+@pytest.mark.slow
+def test_command_line_pretrains_pcrl_and_refuses_a_longer_run(tmp_path):
+    """The command line's smoke test of PCRL: a run, then the same run with more epochs, refused as its last line."""
+    write_volumes(tmp_path / "data")
+    result = run_pcrl(tmp_path, epochs=1)
+    assert result.returncode == 0, result.stderr[-4000:]
+    FPN3d(1, 4, 3).load_state_dict(torch.load(tmp_path / "out/pretrained_backbone.pt", weights_only=True))
+    result = run_pcrl(tmp_path, epochs=2)
+    assert result.returncode != 0
+    assert "epochs is 1 there and 2 now" in result.stderr.strip().splitlines()[-1], result.stderr[-2000:]
