@@ -4,8 +4,8 @@ Every row of `CASES` writes its input under a fresh folder, runs a workflow on i
 `scripts.utils.errors.BundleError` whose message holds `expected`. That message is what a user reads as the last line of
 stderr, ``error: <message>`` (the excepthook of `scripts.utils.errors`, tested in tests/test_errors.py): rows marked
 `CLI`
-check exactly that through ``python -m monai.bundle run``; the others run the same workflow in this process
-(``monai.bundle.create_workflow``: initialize, run, finalize, as the command line does), which is ~50x cheaper.
+check exactly that through ``python -m monai.bundle run`` (the slow tier); the others run the same workflow in this
+process (``monai.bundle.create_workflow``: initialize, run, finalize, as the command line does), which is ~50x cheaper.
 `COVERED_ELSEWHERE` lists the cases of the battery whose test needs more than a message (a killed process, a resumed
 run, a second run, warnings on a cache entry) and names that test.
 """
@@ -25,7 +25,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from bundle import ROOT, monai_bundle_run
+from bundle import ROOT, last_error, monai_bundle_run
 from monai.bundle import create_workflow
 from scripts.data.splits import labelled_datalist, split_cases
 from scripts.engine.weights import save_weights
@@ -715,15 +715,10 @@ def run_cli(workflow: str, tmp: Path, row_keys: dict) -> str | None:
         for k, v in keys_for(workflow, tmp, row_keys).items()
     }
     result = monai_bundle_run(run_id, config, keys)
-    if result.returncode == 0:
-        return None
-    lines = result.stderr.rstrip().splitlines()
-    starts = [i for i, line in enumerate(lines) if line.startswith("error: ")]
-    assert starts, result.stderr[-3000:]
-    return "\n".join(lines[starts[-1] :])  # a BundleError's message may span lines (one per bad file)
+    return None if result.returncode == 0 else last_error(result.stderr)  # a message may span lines (one per file)
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=[pytest.mark.slow] * c.cli) for c in CASES])
 def test_fault_ends_the_run_with_a_message_that_says_what_to_fix(case, tmp_path):
     keys = case.make(tmp_path)
     error = (run_cli if case.cli else run_in_process)(case.workflow, tmp_path, keys)
