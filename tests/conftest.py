@@ -8,6 +8,7 @@ import os
 # Before torch is imported: the tensors are tiny, and two threads per process spin-wait on a shared 2-core machine.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import logging  # noqa: E402
 import shutil  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -71,6 +72,18 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
 
 _BEFORE = pytest.StashKey[dict]()
 _CHANGED = pytest.StashKey[list]()
+
+
+@pytest.fixture(autouse=True)
+def restore_logging():
+    """The scripts' command lines run in this process apply configs/logging.conf, which binds a handler to the test's
+    captured stdout: later tests must not write to it."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
 
 # ---- the shared tiny pretraining
 

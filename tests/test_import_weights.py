@@ -1,24 +1,22 @@
 import json
 import re
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from authors_layout import authors_state as authors_layout_state
+from bundle import HELP_LIMIT, command_env, run_command
 from scripts.engine.weights import read_info, save_weights, sidecar
 from scripts.import_weights import extract_backbone_state, import_backbone, load_backbone, main
 from scripts.networks.fpn3d import FPN3d, dhr_network
 from scripts.utils.errors import BundleError
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
 def authors_state():
-    """FPN3d's own state dict is the authors' key layout."""
-    torch.manual_seed(0)
-    return FPN3d(1, 8, 3).state_dict()
+    """A state dict in the authors' layout (names and shapes written out in tests/authors_layout.py, not taken from
+    FPN3d), of random values."""
+    return authors_layout_state(1, 8, 3)
 
 
 def _prefixed(prefix, state):
@@ -72,22 +70,11 @@ def test_missing_file_names_the_file(tmp_path):
         load_backbone(str(tmp_path / "nowhere.pt"), FPN3d(1, 8, 3))
 
 
-def _cli(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "scripts.import_weights", *map(str, args)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-
-
-def test_cli_infers_the_architecture_without_size_keys(authors_state, tmp_path):
+def test_cli_infers_the_architecture_without_size_keys(authors_state, tmp_path, capsys):
     src, dst = tmp_path / "dhr.ckpt", tmp_path / "models" / "nested" / "backbone.pt"
     torch.save({"state_dict": {**_prefixed("backbone.", authors_state), **HEADS}}, src)
-    result = _cli(src, dst, "--modality", "ct", "--patch_size", 16, 16, 8)
-    assert result.returncode == 0, result.stderr
-    assert "saved 154 tensors (182,592 parameters) of FPN3d(1, 8, 3)" in result.stdout
+    main([str(src), str(dst), "--modality", "ct", "--patch_size", "16", "16", "8"])
+    assert "saved 154 tensors (182,592 parameters) of FPN3d(1, 8, 3)" in capsys.readouterr().out
     saved = torch.load(dst, weights_only=True)
     assert saved.keys() == authors_state.keys()
     assert all(torch.equal(saved[k], v) for k, v in authors_state.items())
@@ -101,6 +88,19 @@ def test_cli_infers_the_architecture_without_size_keys(authors_state, tmp_path):
         "method": None,
     }
     assert json.loads(sidecar(dst).read_text()) == read_info(dst), "written as a sidecar, not inferred"
+
+
+@pytest.mark.slow
+def test_command_line_imports_and_refuses_with_one_line(authors_state, tmp_path):
+    """The command line's smoke test: `python -m scripts.import_weights` imports, and a refusal is its last line."""
+    src = tmp_path / "dhr.ckpt"
+    torch.save({"state_dict": _prefixed("backbone.", authors_state)}, src)
+    cli = [sys.executable, "-m", "scripts.import_weights", src]
+    result = run_command([*cli, tmp_path / "backbone.pt"], timeout=HELP_LIMIT, env=command_env())
+    assert result.returncode == 0, result.stderr
+    assert "saved 154 tensors (182,592 parameters) of FPN3d(1, 8, 3)" in result.stdout
+    result = run_command([*cli, tmp_path / "other.pt", "--num_scales", "5"], timeout=HELP_LIMIT, env=command_env())
+    assert result.returncode == 1 and result.stderr.startswith("error: --num_scales 5 contradicts "), result.stderr
 
 
 def test_given_size_that_contradicts_the_file_names_both_values(authors_state, tmp_path, capsys):

@@ -101,14 +101,34 @@ def test_term_metrics_average_over_an_epoch_and_logging_transform():
     assert set(logged) == {"loss", "infonce", "restoration"} and all(isinstance(v, float) for v in logged.values())
 
 
-def test_dice_bce_is_per_class_sigmoid_dice_plus_bce():
-    from monai.losses import DiceLoss
+def test_dice_bce_is_per_class_sigmoid_soft_dice_plus_bce_by_hand():
+    """Values computed by hand from the definitions (REFERENCE.md: per-class sigmoid, BCE + soft Dice): soft Dice
+    1 - 2 sum(p t) / (sum(p) + sum(t)) per class, averaged; BCE averaged over every voxel and class."""
     from scripts.ssl.losses import DiceBCELoss
 
+    log3 = math.log(3)  # sigmoid(log 3) = 3/4
+    # one case, 2 classes, 4 voxels: class 1 predicted 3/4 where labelled, 1/4 elsewhere; class 2 unsure (1/2)
+    logits = torch.tensor([[log3, log3, -log3, -log3], [0.0, 0.0, 0.0, 0.0]]).reshape(1, 2, 4, 1, 1)
+    target = torch.tensor([[1.0, 1, 0, 0], [1, 0, 0, 0]]).reshape(1, 2, 4, 1, 1)
+    dice = (1 - 2 * 1.5 / (2 + 2), 1 - 2 * 0.5 / (2 + 1))  # 1/4 and 2/3
+    bce = (-math.log(3 / 4), math.log(2))  # the same for each of the class's voxels
+    expected = sum(dice) / 2 + sum(bce) / 2
+    assert expected == pytest.approx(11 / 24 + (math.log(4 / 3) + math.log(2)) / 2)
+    assert DiceBCELoss()(logits, target).item() == pytest.approx(expected, abs=1e-4)  # MONAI's 1e-5 smoothing
+    # nothing known (all logits 0) about half-labelled classes: Dice 1/2, BCE log 2
+    half = (torch.arange(8) % 2).float().reshape(1, 1, 8, 1, 1).repeat(2, 3, 1, 1, 1)
+    assert DiceBCELoss()(torch.zeros_like(half), half).item() == pytest.approx(0.5 + math.log(2), abs=1e-4)
+
+
+def test_dice_bce_scores_each_class_on_its_own():
+    """Sigmoid per class, not softmax across classes: overlapping classes can both be certain, and a 2-class loss is
+    the mean of the two 1-class losses."""
+    from scripts.ssl.losses import DiceBCELoss
+
+    both = torch.ones(1, 2, 4, 2, 2)  # every voxel in both classes
+    assert DiceBCELoss()(torch.full_like(both, 20.0), both).item() < 1e-4  # a softmax would give each class 1/2
     torch.manual_seed(0)
-    logits = torch.randn(2, 3, 4, 4, 2)
-    target = (torch.rand(2, 3, 4, 4, 2) > 0.5).float()
-    expected = DiceLoss(sigmoid=True)(logits, target) + F.binary_cross_entropy_with_logits(logits, target)
-    torch.testing.assert_close(DiceBCELoss()(logits, target), expected)
-    confident = DiceBCELoss()(20 * (2 * target - 1), target)
-    assert confident < 0.01
+    logits, target = torch.randn(2, 2, 4, 4, 2), (torch.rand(2, 2, 4, 4, 2) > 0.5).float()
+    per_class = [DiceBCELoss()(logits[:, [c]], target[:, [c]]) for c in range(2)]
+    torch.testing.assert_close(DiceBCELoss()(logits, target), sum(per_class) / 2)
+    assert DiceBCELoss()(20 * (2 * target - 1), target) < 0.01, "confident and right: near 0"

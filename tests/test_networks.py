@@ -4,6 +4,7 @@ import warnings
 
 import pytest
 import torch
+from authors_layout import authors_state, fpn3d_layout
 from scripts.engine.training import SSLBatch
 from scripts.networks.fpn3d import FPN3d, MaskedBatchNorm1d, MultiscaleProjection, ProjectionHead, dhr_network
 
@@ -21,11 +22,14 @@ def test_pyramid_shapes(size):
     assert [tuple(p.shape) for p in pyramid] == [(2, 4 * 2**i, *(math.ceil(s / 2**i) for s in size)) for i in range(3)]
 
 
-def test_dhr_backbone_size_and_key_names(dhr_backbone):
-    state = dhr_backbone.state_dict()
+def test_dhr_backbone_has_the_authors_names_and_shapes(dhr_backbone):
+    """278 entries for base 32 / 5 scales, each named and shaped as in the authors' code (tests/authors_layout.py,
+    written from their layout, not from FPN3d), so their released weights load with strict=True."""
+    state = {name: tuple(tensor.shape) for name, tensor in dhr_backbone.state_dict().items()}
     assert len(state) == 278
-    assert sum(p.numel() for p in dhr_backbone.parameters()) == 47_567_872
-    expected_shapes = {
+    assert state == fpn3d_layout(1, 32, 5)
+    assert sum(p.numel() for p in dhr_backbone.parameters()) == 47_567_872  # the paper's 47.6 M
+    spot_checks = {
         "first_conv.weight": (32, 1, 3, 3, 3),
         "left_blocks.0.layers.1.layers.3.running_mean": (32,),
         "left_blocks.3.layers.0.layers.0.num_batches_tracked": (),
@@ -35,11 +39,20 @@ def test_dhr_backbone_size_and_key_names(dhr_backbone):
         "right_blocks.3.layers.1.layers.5.weight": (32, 32, 3, 3, 3),
         "bottom_block.layers.0.layers.2.weight": (512, 512, 3, 3, 3),
     }
-    assert {k: tuple(state[k].shape) for k in expected_shapes} == expected_shapes
+    assert {k: state[k] for k in spot_checks} == spot_checks
 
 
-def test_vox2vec_backbone_size():
-    assert sum(p.numel() for p in FPN3d(1, 16, 6).parameters()) == 47_624_448
+def test_vox2vec_backbone_has_the_authors_names_and_shapes():
+    backbone = FPN3d(1, 16, 6)
+    assert {name: tuple(tensor.shape) for name, tensor in backbone.state_dict().items()} == fpn3d_layout(1, 16, 6)
+    assert sum(p.numel() for p in backbone.parameters()) == 47_624_448  # the paper's 47.6 M
+
+
+def test_weights_in_the_authors_layout_load_strictly():
+    state = authors_state(1, 8, 3)
+    backbone = FPN3d(1, 8, 3)
+    backbone.load_state_dict(state, strict=True)
+    assert all(torch.equal(backbone.state_dict()[k], v) for k, v in state.items())
 
 
 def test_torchscript_matches_eager():
