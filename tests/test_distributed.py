@@ -1,4 +1,5 @@
-"""Multi-process training on CPU (gloo): 2 ranks under torchrun, tiny settings; and the gathered InfoNCE."""
+"""Multi-process training on CPU (gloo): 2 ranks under torchrun, tiny settings; and the gathered InfoNCE and validation
+between 2 spawned processes. All in the slow tier: each process starts its own interpreter and torch (~30 s a test)."""
 
 import json
 import os
@@ -18,13 +19,14 @@ from test_train_bundle import TINY as TRAIN_TINY
 from test_train_bundle import write_cases
 from validation_worker import gathered_mean_dice
 
+pytestmark = pytest.mark.slow
 PROBE = "tests/configs/rank_probe.yaml"
 MULTI = "configs/multi_gpu_pretrain.yaml"
 
 
 def pretrain(tmp: Path, *configs: str, epochs: int, **keys: str):
     config = str(["configs/pretrain.yaml", *configs, MULTI, PROBE])
-    paths = {"dataset_dir": tmp / "data", "output_dir": tmp / "out", "cache_dir": tmp / "cache"}
+    paths = {"dataset_dir": tmp / "data", "output_dir": tmp / "out", "cache_dir": tmp / "cache", "bundle_root": tmp}
     result = monai_bundle_run("pretrain", config, {**TINY, **paths, "epochs": epochs, **keys}, nproc=2)
     return result, [torch.load(tmp / f"out/probe/rank{r}.pt", weights_only=True) for r in range(2)]
 
@@ -74,7 +76,7 @@ def test_a_resume_on_another_number_of_processes_is_refused_naming_it(dhr):
     tmp, _ = dhr
     assert json.loads((tmp / "out/run.json").read_text())["world_size"] == 2
     before = sorted(p.name for p in (tmp / "out/checkpoints").iterdir())
-    paths = {"dataset_dir": tmp / "data", "output_dir": tmp / "out", "cache_dir": tmp / "cache"}
+    paths = {"dataset_dir": tmp / "data", "output_dir": tmp / "out", "cache_dir": tmp / "cache", "bundle_root": tmp}
     result = monai_bundle_run("pretrain", "configs/pretrain.yaml", {**TINY, **paths, "epochs": 4})  # one process
     assert result.returncode != 0
     line = result.stderr.strip().splitlines()[-1]
@@ -87,6 +89,7 @@ def test_deterministic_three_process_resume_is_bitwise(tmp_path):
     b + a). A run resumed from the checkpoint of iteration 1 ends its iteration 2 bitwise as the uninterrupted run."""
     write_volumes(tmp_path / "data", count=1)
     keys = {**TINY, "dataset_dir": tmp_path / "data", "cache_dir": tmp_path / "cache", "deterministic": True}
+    keys["bundle_root"] = tmp_path
     keys |= {"epochs": 1, "epoch_length": 2, "checkpoint_interval": 1}
     config = str(["configs/pretrain.yaml", MULTI])
     result = monai_bundle_run("pretrain", config, {**keys, "output_dir": tmp_path / "uninterrupted"}, nproc=3)
@@ -106,7 +109,7 @@ def test_deterministic_three_process_resume_is_bitwise(tmp_path):
 def test_a_non_finite_loss_on_one_rank_stops_both_with_one_message(dhr):
     tmp, _ = dhr
     keys = {"output_dir": tmp / "nan", "cache_dir": tmp / "cache", "nan_rank": 1, "nan_iteration": 2}
-    keys |= {"log_interval": 2, "augmentations": "none"}
+    keys |= {"log_interval": 2, "augmentations": "none", "bundle_root": tmp}
     config = str(["configs/pretrain.yaml", MULTI, PROBE])
     result = monai_bundle_run("pretrain", config, {**TINY, "dataset_dir": tmp / "data", **keys, "epochs": 1}, nproc=2)
     assert result.returncode != 0
@@ -132,7 +135,7 @@ def test_fine_tuning_on_two_ranks(tmp_path):
     # the warm-up applies to a loaded backbone
     backbone = FPN3d(1, int(TRAIN_TINY["base_channels"]), int(TRAIN_TINY["num_scales"]))
     torch.save(backbone.state_dict(), tmp_path / "backbone.pt")
-    keys = {**TRAIN_TINY, "dataset_dir": tmp_path / "data", "output_dir": tmp_path / "out"}
+    keys = {**TRAIN_TINY, "dataset_dir": tmp_path / "data", "output_dir": tmp_path / "out", "bundle_root": tmp_path}
     keys.update(warmup_epochs=1, num_val_cases=1, pretrained_ckpt=tmp_path / "backbone.pt")
     config = "['configs/train.yaml','configs/multi_gpu_train.yaml','tests/configs/rank_probe.yaml']"
     result = monai_bundle_run(None, config, keys, nproc=2)

@@ -2,18 +2,19 @@
 
 import csv
 import os
-from pathlib import Path
 
+import pytest
 import torch
+from bundle import ROOT
 from scripts.engine.weights import read_info, save_weights
 from scripts.networks.fpn3d import FPN3d
 from scripts.tools import compare
 from test_train_bundle import write_cases
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = "--patch_size [16,16,8] --epochs 1 --epoch_length 2 --val_interval 1 --num_folds 5 --num_workers 0"
 
 
+@pytest.mark.slow
 def test_compare_studies_backbones_of_different_architectures(tmp_path, monkeypatch):
     write_cases(tmp_path / "data")
     root = tmp_path / "compare"
@@ -31,6 +32,7 @@ def test_compare_studies_backbones_of_different_architectures(tmp_path, monkeypa
     monkeypatch.setenv("PYTHONPATH", str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     study_args = f"{TINY} --dataset_dir {tmp_path / 'data'} --num_classes 2 --volumes_per_batch 2 --progress False"
+    study_args += f" --bundle_root {tmp_path}"
     compare.main(
         ["--methods", "dhr", "vox2vec", "--output_dir", str(root), "--budgets", "1", "--folds", "0"]
         + ["--modes", "finetune", "--study_args", study_args]  # linear cells through compare: the README walk-through

@@ -7,16 +7,14 @@ weights; its sidecar must still say what the model is, or evaluation would fall 
 
 import json
 import os
-from pathlib import Path
 
 import pytest
-from bundle import monai_bundle_run
+from bundle import ROOT, monai_bundle_run
 from scripts.engine.weights import save_weights
 from scripts.networks.fpn3d import FPN3d
 from scripts.tools import study
 from test_train_bundle import TINY, write_cases
 
-ROOT = Path(__file__).resolve().parents[1]
 PATCH = [16, 16, 8]  # not the default [128, 128, 32]
 
 
@@ -29,7 +27,7 @@ def test_a_ct_study_is_evaluated_with_the_models_own_preprocessing_and_window(tm
     monkeypatch.setenv("PYTHONPATH", str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     run_keys = {k: v for k, v in TINY.items() if k not in ("patch_size", "base_channels", "num_scales")}
-    run_keys |= {"epochs": "1", "dataset_dir": str(tmp_path / "data")}
+    run_keys |= {"epochs": "1", "dataset_dir": str(tmp_path / "data"), "bundle_root": str(tmp_path)}
     extra = [item for key, value in run_keys.items() for item in (f"--{key}", value)]
     argv = ["--pretrained", str(tmp_path / "ct.pt"), "--budgets", "1", "--folds", "0", "--modes", "finetune"]
     study.main([*argv, "--output_dir", str(tmp_path / "study"), "--", *extra])

@@ -1,6 +1,7 @@
 """The label-efficiency study: grid, cell identity, resume, table and plot; one real cell through the bundle."""
 
 import csv
+import importlib
 import json
 import os
 import signal
@@ -13,11 +14,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from bundle import HELP_LIMIT, ROOT, command_env, limit, run_command
 from scripts.tools import study
 from scripts.utils.errors import BundleError
 from test_train_bundle import write_cases
 
-ROOT = Path(__file__).resolve().parents[1]
+TOOLS = ["tools.study", "tools.compare", "tools.benchmark", "import_weights", "visualize"]
 
 
 def fake_runner(calls):
@@ -233,17 +235,31 @@ def test_warm_up_applies_to_fine_tuning_only(tmp_path, fake_runs):
     assert all("pretrained_ckpt" not in keys for _, keys, _ in fake_runs), "from scratch: no --pretrained_ckpt None"
 
 
-@pytest.mark.parametrize("module", ["tools.study", "tools.compare", "tools.benchmark", "import_weights", "visualize"])
-def test_help_shows_the_defaults(module):
-    result = subprocess.run(
-        [sys.executable, "-m", f"scripts.{module}", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120
-    )
-    assert result.returncode == 0, result.stderr
-    assert "(default: " in result.stdout, result.stdout
+def check_help(module: str, text: str) -> None:
+    assert "(default: " in text, text
     if module == "tools.compare":
-        assert "72 cells" in " ".join(result.stdout.split())
+        assert "72 cells" in " ".join(text.split())
 
 
+@pytest.mark.parametrize("module", TOOLS)
+def test_help_shows_the_defaults(module, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", [f"python -m scripts.{module}", "--help"])
+    monkeypatch.setattr(signal, "signal", lambda *args: None)  # the study's SIGTERM handler: not this process's
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module(f"scripts.{module}").main()
+    assert exit_info.value.code == 0
+    check_help(module, capsys.readouterr().out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module", TOOLS)
+def test_help_from_the_command_line(module):
+    result = run_command([sys.executable, "-m", f"scripts.{module}", "--help"], timeout=HELP_LIMIT, env=command_env())
+    assert result.returncode == 0, result.stderr
+    check_help(module, result.stdout)
+
+
+@pytest.mark.slow
 def test_one_real_cell_through_the_bundle_is_one_mlflow_run_of_the_study_experiment(tmp_path, monkeypatch):
     from mlflow import MlflowClient
     from test_train_bundle import TINY, write_cases
@@ -252,7 +268,7 @@ def test_one_real_cell_through_the_bundle_is_one_mlflow_run_of_the_study_experim
     monkeypatch.chdir(ROOT)
     monkeypatch.setenv("PYTHONPATH", str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    overrides = {**TINY, "epochs": "1", "dataset_dir": str(tmp_path / "data")}
+    overrides = {**TINY, "epochs": "1", "dataset_dir": str(tmp_path / "data"), "bundle_root": str(tmp_path)}
     extra = [item for key, value in overrides.items() for item in (f"--{key}", value)]
     argv = ["--budgets", "1", "--folds", "0", "--modes", "finetune", "--warmup_epochs", "0", "--tracking", "mlflow"]
     study.main([*argv, "--output_dir", str(tmp_path / "study"), "--", *extra])
@@ -292,22 +308,31 @@ def test_from_scratch_is_the_first_backbones_network_untrained(tmp_path):
     assert scratch.args == (*size, "--modality", "ct", *patch)
 
 
+@pytest.mark.slow
 def test_a_terminated_study_ends_the_run_it_started(tmp_path):
     from test_train_bundle import TINY, write_cases
 
     write_cases(tmp_path / "data")
     overrides = {**TINY, "epochs": "1000", "dataset_dir": str(tmp_path / "data")}  # runs until it is ended
+    overrides["bundle_root"] = str(tmp_path)
     extra = [item for key, value in overrides.items() for item in (f"--{key}", value)]
     argv = ["--budgets", "1", "--folds", "0", "--modes", "finetune", "--output_dir", str(tmp_path / "study")]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    parent = subprocess.Popen([sys.executable, "-m", "scripts.tools.study", *argv, "--", *extra], cwd=ROOT, env=env)
-    children = Path(f"/proc/{parent.pid}/task/{parent.pid}/children")
-    deadline = time.monotonic() + 60
-    while not children.read_text().split() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    (child,) = map(int, children.read_text().split())
-    parent.send_signal(signal.SIGTERM)
-    parent.wait(timeout=30)
+    cmd = [sys.executable, "-m", "scripts.tools.study", *argv, "--", *extra]
+    parent = subprocess.Popen(cmd, cwd=ROOT, env=command_env())
+    try:
+        children = Path(f"/proc/{parent.pid}/task/{parent.pid}/children")
+        deadline = time.monotonic() + limit(HELP_LIMIT)  # the study's start: imports, the data's checks
+        while not children.read_text().split() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        started = children.read_text().split()
+        assert started, f"timed out: the study started no bundle run in {limit(HELP_LIMIT):.0f} s"
+        (child,) = map(int, started)
+        parent.send_signal(signal.SIGTERM)
+        parent.wait(timeout=limit(60))
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
     survived = Path(f"/proc/{child}").exists()
     if survived:
         os.kill(child, signal.SIGKILL)
