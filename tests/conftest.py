@@ -10,6 +10,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import logging  # noqa: E402
 import shutil  # noqa: E402
+import subprocess  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -20,20 +21,33 @@ from bundle import PRETRAIN_TINY, ROOT, run_workflow  # noqa: E402
 UNWATCHED = {".git", ".venv", "venv", "__pycache__", ".pytest_cache", ".ruff_cache", ".mypy_cache", "node_modules"}
 
 
+def tracked_files(root: Path = ROOT) -> set[str]:
+    """The files git tracks (a person may edit them while the suite runs); none outside a git checkout."""
+    try:
+        listed = subprocess.run(["git", "ls-files", "-z"], cwd=root, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return set()
+    return set(filter(None, listed.stdout.split("\0"))) if listed.returncode == 0 else set()
+
+
 def repository_state(root: Path = ROOT) -> dict[str, tuple[int, int] | None]:
-    """(size, mtime) of every file and None for every folder under `root`, `UNWATCHED` folders left out."""
+    """(size, mtime) of every file and None for every folder under `root` that git does not track, `UNWATCHED`
+    folders left out: where the bundle's default outputs go (models/, runs/, data/, eval/, mlruns/, ...)."""
+    tracked = tracked_files(root)
     state: dict[str, tuple[int, int] | None] = {}
     for folder, dirs, files in os.walk(root):
         dirs[:] = [d for d in dirs if d not in UNWATCHED and not d.startswith(".venv")]
         relative = os.path.relpath(folder, root)
         state[relative] = None
         for name in files:
-            path = os.path.join(folder, name)
+            path = os.path.normpath(os.path.join(relative, name))
+            if path in tracked:
+                continue
             try:
-                stat = os.lstat(path)
+                stat = os.lstat(os.path.join(root, path))
             except FileNotFoundError:  # removed while walking
                 continue
-            state[os.path.join(relative, name)] = (stat.st_size, stat.st_mtime_ns)
+            state[path] = (stat.st_size, stat.st_mtime_ns)
     return state
 
 
@@ -48,7 +62,8 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """A test must read and write only its own temporary folders: a file the session created, changed or removed in
-    the repository (e.g. under models/, runs/, data/) fails the session, named in the summary."""
+    the repository (e.g. under models/, runs/, data/; files git tracks are left to whoever edits them) fails the
+    session, named in the summary."""
     before = session.config.stash.get(_BEFORE, None)
     if before is None:
         return

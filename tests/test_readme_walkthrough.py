@@ -12,12 +12,14 @@ server; the database it shows is checked after the MLflow command), `torchrun` (
 tests/test_distributed.py) and `scripts.tools.release` (tests/test_release.py).
 """
 
+import contextlib
 import json
 import os
 import re
 import resource
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -26,10 +28,12 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pytest
 import torch
+from bundle import ROOT, TIMEOUT_SCALE, WORKFLOW_LIMIT, limit
 from scripts.networks.fpn3d import FPN3d
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
 SKIPPED = ("pip install", "python -m pytest", "mlflow ui", "torchrun", "python -m scripts.tools.release")
 RESUME_HEADING = "## Resuming"  # "running the same command again resumes": the Quick start's command, rerun here
 
@@ -168,6 +172,7 @@ class Run:
     log: Path
     start: float
     changed: set[Path] = field(default_factory=set)
+    timed_out: float | None = None  # seconds after which it was killed
 
 
 def readme_commands(readme: Path) -> list[str]:
@@ -287,6 +292,12 @@ def may_start(step: Step, others: list[Step]) -> bool:
 def check(run: Run, returncode: int, repo: Path, data: Path, backbone: bytes | None) -> None:
     """The command succeeded and wrote what it should; the checks particular to some commands."""
     output = run.log.read_text()
+    if run.timed_out is not None:
+        pytest.fail(
+            f"timed out: killed after {run.timed_out:.0f} s (DHR_TEST_TIMEOUT_SCALE={TIMEOUT_SCALE:g} scales the "
+            f"limit): {run.command}\n{output[-5000:]}",
+            pytrace=False,
+        )
     assert returncode == 0, f"{run.command}\n{output[-5000:]}"
     for pattern in run.step.expects:
         files = expected_files(pattern, repo, data)
@@ -304,16 +315,25 @@ def check(run: Run, returncode: int, repo: Path, data: Path, backbone: bytes | N
         assert json.loads((repo / "runs/pretrain_ct/pretrained_backbone.json").read_text())["modality"] == "ct"
 
 
-def wait_first(running: dict[int, Run], timeout: float = 600) -> tuple[int, int, resource.struct_rusage]:
+def kill_group(pid: int) -> None:
+    """Kills a command started in its own session and every process it started."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+def wait_first(running: dict[int, Run], timeout: float | None = None) -> tuple[int, int, resource.struct_rusage]:
     """The first running command to finish: its pid, wait status and resources (CPU time, its subprocesses included).
-    A command running longer than `timeout` seconds is killed (and then fails)."""
+    A command running longer than `timeout` seconds (a hang; default ``limit(WORKFLOW_LIMIT)``) is killed, and its check
+    then fails saying so."""
+    timeout = limit(WORKFLOW_LIMIT) if timeout is None else timeout
     while True:
         for pid, run in running.items():
             finished, status, usage = os.wait4(pid, os.WNOHANG)
             if finished:
                 return pid, status, usage
-            if time.monotonic() - run.start > timeout:
-                run.process.kill()
+            if run.timed_out is None and time.monotonic() - run.start > timeout:
+                run.timed_out = time.monotonic() - run.start
+                kill_group(pid)  # the command and what it started (a study's runs)
         time.sleep(0.1)
 
 
@@ -338,7 +358,7 @@ def test_readme_top_to_bottom(tmp_path, request):
     assert len(pending) == len(STEPS), "a step here whose README command is gone"
 
     running: dict[int, Run] = {}
-    request.addfinalizer(lambda: [r.process.kill() for r in running.values()])  # after a failed check
+    request.addfinalizer(lambda: [kill_group(pid) for pid in running])  # after a failed check
     state, backbone, cpu, began = snapshot(repo, data), None, 0.0, time.monotonic()
     while pending or running:
         # the longest first, else in the README's order; each only once the earlier commands it needs are done
@@ -356,7 +376,9 @@ def test_readme_top_to_bottom(tmp_path, request):
             log = logs / f"{len(STEPS) - len(pending):02d}.log"
             with open(log, "w") as out:
                 argv = with_overrides(command, step.extra, data)
-                process = subprocess.Popen(argv, cwd=repo, env=env, stdout=out, stderr=subprocess.STDOUT)
+                process = subprocess.Popen(
+                    argv, cwd=repo, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                )
             running[process.pid] = Run(command, step, process, log, time.monotonic())
             pending.remove((command, step))
 
