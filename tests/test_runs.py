@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from bundle import WORKFLOW_LIMIT, command_env, run_command, run_workflow
+from bundle import ROOT, WORKFLOW_LIMIT, command_env, run_command, run_workflow
 from ignite.engine import Engine, Events
 from scripts.engine.runs import CheckpointLoader, CheckpointSaver, RunFolder, checkpoints
 from test_pretrain_bundle import TINY, run_pretrain, write_volumes
@@ -97,7 +97,7 @@ def test_the_identity_holds_every_key_that_changes_a_step(override):
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
-    parser.read_config(["configs/pretrain.yaml", *([override] if override else [])])
+    parser.read_config([str(ROOT / c) for c in ("configs/pretrain.yaml", *([override] if override else []))])
     identity = parser.get_parsed_content("run_identity")
     assert identity["world_size"] == 1 and identity["device"] == "cpu"  # no process group; this machine's device
     assert {"amp", "gather_negatives", "augmentations", "learning_rate", "seed", "epoch_length"} <= identity.keys()

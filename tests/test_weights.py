@@ -106,10 +106,10 @@ def test_missing_file(tmp_path):
     assert resolve(tmp_path / "none.pt", "segmentation", DEFAULTS, required=False) == DEFAULTS
 
 
-def _train_config(**keys) -> ConfigParser:
+def _train_config(bundle_root, **keys) -> ConfigParser:
     parser = ConfigParser()
     parser.read_config(str(ROOT / "configs/train.yaml"))
-    parser.update(keys)
+    parser.update({"bundle_root": str(bundle_root), **keys})  # its default outputs under the test's folder
     return parser
 
 
@@ -117,14 +117,14 @@ def test_train_yaml_builds_an_authors_vox2vec_shaped_backbone_without_size_keys(
     torch.manual_seed(0)
     state = FPN3d(1, 4, 4).state_dict()  # the authors' release: a plain state dict, no sidecar
     torch.save(state, tmp_path / "vox2vec.pt")
-    network = _train_config(pretrained_ckpt=str(tmp_path / "vox2vec.pt")).get_parsed_content("network_def")
+    network = _train_config(tmp_path, pretrained_ckpt=str(tmp_path / "vox2vec.pt")).get_parsed_content("network_def")
     assert (network.backbone.base_channels, network.backbone.num_scales) == (4, 4)
     assert all(torch.equal(network.backbone.state_dict()[k], v) for k, v in state.items())
 
 
 def test_train_yaml_stops_on_a_size_key_that_contradicts_the_backbone(tmp_path):
     torch.save(FPN3d(1, 4, 4).state_dict(), tmp_path / "vox2vec.pt")
-    parser = _train_config(pretrained_ckpt=str(tmp_path / "vox2vec.pt"), num_scales=5)
+    parser = _train_config(tmp_path, pretrained_ckpt=str(tmp_path / "vox2vec.pt"), num_scales=5)
     with pytest.raises(Exception) as error:
         parser.get_parsed_content("network_def")
     assert "--num_scales 5 contradicts pretrained_ckpt" in str(find_bundle_error(error.value))
