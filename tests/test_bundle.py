@@ -67,8 +67,12 @@ def test_requirements_pin_the_cpu_torch_and_monai_1_6():
     assert any(re.fullmatch(r"monai==1\.6\.\d+", r) for r in requirements)
 
 
-def test_readme_test_line_is_what_ci_runs():
+def test_readme_test_lines_are_what_ci_runs():
+    """Both tiers: the README's fast line (with the installation) and its slow line, each a line of .ci/run."""
     readme = (ROOT / "README.md").read_text()
-    ci = (ROOT / ".ci/run").read_text()
-    test_line = re.search(r"^pip install -r requirements-dev\.txt && python -m pytest.*$", readme, re.M)
-    assert test_line and test_line.group(0) in ci
+    section = readme.split("## Tests\n", 1)[1].split("\n## ", 1)[0]
+    lines = re.findall(r"^.*python -m pytest.*$", section.split("```bash\n", 1)[1].split("```", 1)[0], re.M)
+    assert lines[0] == "pip install -r requirements-dev.txt && python -m pytest -q"
+    assert lines[1:] == ["python -m pytest -q -m slow"]
+    ci = (ROOT / ".ci/run").read_text().splitlines()
+    assert lines[0] in ci and any(line.startswith(lines[1]) for line in ci), "CI runs both tiers"
