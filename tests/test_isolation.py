@@ -14,8 +14,10 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import bundle
 import pytest
 import torch
 from bundle import ROOT, WORKFLOW_LIMIT, run_command
@@ -38,6 +40,33 @@ REPRESENTATIVE = [
     "tests/test_pretrain_bundle.py::test_resumes_at_the_saved_iteration",
 ]
 USED = ("models", "runs", "data", "eval", "mlruns")  # where the README's commands write, by default
+
+
+def test_a_command_past_its_limit_is_killed_with_what_it_started_and_said_to_have_timed_out(tmp_path, monkeypatch):
+    """A limit of 100 s scaled by DHR_TEST_TIMEOUT_SCALE=0.02: the command and its child are killed after 2 s, and the
+    failure says that it timed out, what it ran and what it printed."""
+    monkeypatch.setattr(bundle, "TIMEOUT_SCALE", 0.02)
+    script = "import subprocess, sys, time; child = subprocess.Popen(['sleep', '60']); print(child.pid, flush=True)"
+    script += "; time.sleep(60)"
+    start = time.monotonic()
+    with pytest.raises(pytest.fail.Exception) as failure:
+        run_command([sys.executable, "-c", script], timeout=100, what="a sleeping script")
+    assert time.monotonic() - start < 30
+    message = str(failure.value)
+    assert message.startswith("timed out: ") and "a sleeping script" in message and "limit 2 s" in message, message
+    child = int(message.split("--- stdout (end) ---\n")[1].split()[0])
+    deadline = time.monotonic() + 10
+    while alive(child) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive(child), "the command's child outlived it"
+
+
+def alive(pid: int) -> bool:
+    """Whether the process runs (a killed one not yet reaped is a zombie, state Z)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def plant_readme_outputs(repo: Path) -> None:
