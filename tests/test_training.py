@@ -1,3 +1,6 @@
+import math
+
+import numpy as np
 import pytest
 import torch
 from ignite.engine import Engine, Events
@@ -241,3 +244,38 @@ def test_deterministic_true_trains_every_method_with_deterministic_algorithms_on
     assert modes == [(True, False)]
     assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"  # cuBLAS's deterministic workspace, for CUDA
+
+
+def test_a_tiny_pretraining_brings_infonce_below_chance():
+    """60 Adam steps of the real step (sampler, SSLBatch, pretraining network, InfoNCE) on a textured volume, fresh
+    pairs every step: the InfoNCE falls clearly, and below log(2M - 1), the loss of embeddings that tell nothing apart.
+    (Telling the 4 pairs apart is enough for that; that voxels1 and voxels2 meet the same voxel is test_sampler's.)"""
+    from scripts.networks.fpn3d import dhr_network
+    from scripts.ssl.sampler import VoxelPairSamplerd
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    shape = (32, 32, 16)
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij"))
+    body = (grid**2).sum(0) < 0.8
+    volume = {"image": np.where(body, rng.random(shape), 0).astype(np.float32)[None], "body": body[None]}
+    sampler = VoxelPairSamplerd((16, 16, 8), num_pairs=4, voxels_per_pair=16)
+    batches = [{k: v[None] for k, v in sampler(volume, rng=rng).items()} for _ in range(60)]
+    network = dhr_network(4, 3, projection_width=16, embedding_dim=16, restoration=False)
+    loss = HybridLoss(restoration_weight=0)
+    trainer = SupervisedTrainer(
+        device=torch.device("cpu"),
+        max_epochs=1,
+        train_data_loader=batches,
+        network=network,
+        optimizer=torch.optim.Adam(network.parameters(), lr=0.003),
+        loss_function=loss,
+        prepare_batch=SSLBatch(),  # no augmentation: the views differ by their boxes alone
+        decollate=False,
+    )
+    infonce = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda _: infonce.append(float(loss.terms["infonce"])))
+    trainer.run()
+    chance = sum(math.log(2 * int(b["valid"].sum()) - 1) for b in batches[-5:]) / 5
+    first, last = sum(infonce[:5]) / 5, sum(infonce[-5:]) / 5
+    assert last < first - 0.5 and last < chance - 0.25, (first, last, chance)
