@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
-from scripts.engine.training import latest_checkpoint
+from scripts.engine.handlers import latest_checkpoint
 from scripts.engine.weights import infer_info, matches, save_weights, sidecar
 from scripts.networks.fpn3d import FPN3d
 from scripts.utils import log

@@ -103,7 +103,7 @@ def test_term_metrics_average_over_an_epoch_and_logging_transform():
 
 def test_dice_bce_is_per_class_sigmoid_dice_plus_bce():
     from monai.losses import DiceLoss
-    from scripts.ssl.losses import DiceBCELoss
+    from scripts.networks.segmentation import DiceBCELoss
 
     torch.manual_seed(0)
     logits = torch.randn(2, 3, 4, 4, 2)

@@ -4,8 +4,8 @@ import warnings
 
 import pytest
 import torch
-from scripts.engine.training import SSLBatch
 from scripts.networks.fpn3d import FPN3d, MaskedBatchNorm1d, MultiscaleProjection, ProjectionHead, dhr_network
+from scripts.ssl.batch import SSLBatch
 
 
 @pytest.fixture(scope="module")

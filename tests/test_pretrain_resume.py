@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 from bundle import monai_bundle_run
-from scripts.engine.training import latest_checkpoint
+from scripts.engine.handlers import latest_checkpoint
 from test_pretrain_bundle import TINY, write_volumes
 
 # Kills the process (as a kill -9 would: no handler, no cleanup) when iteration 5 completes, after the checkpoint of

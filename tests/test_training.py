@@ -5,7 +5,8 @@ import pytest
 import torch
 from ignite.engine import Engine, Events
 from monai.engines import SupervisedTrainer
-from scripts.engine.training import ExportBackbone, GradientClipping, NonFiniteLossGuard, SSLBatch, latest_checkpoint
+from scripts.engine.handlers import ExportBackbone, GradientClipping, NonFiniteLossGuard, latest_checkpoint
+from scripts.ssl.batch import SSLBatch
 from scripts.ssl.losses import HybridLoss
 from torch import nn
 
@@ -34,7 +35,7 @@ def test_ssl_batch_stacks_views_and_augments_only_the_inputs():
 
 @pytest.mark.parametrize("augmentations", ["local", "vox2vec"])
 def test_ssl_batch_augments_by_sample_index_without_global_rng(augmentations):
-    from scripts.engine.training import build_augmentation
+    from scripts.ssl.batch import build_augmentation
 
     prepare = SSLBatch(build_augmentation(augmentations, "mri"), seed=3)
     data = sampler_batch(patch=(8, 8, 4))
@@ -125,7 +126,7 @@ def test_export_backbone_writes_a_plain_state_dict_on_completion_only(tmp_path):
 
 
 def test_per_class_dice_equals_the_hand_computation():
-    from scripts.engine.training import per_class_dice
+    from scripts.engine.validation import per_class_dice
 
     label = torch.zeros(2, 4, 4, 1)
     label[0, :2] = 1  # class 1: 8 voxels

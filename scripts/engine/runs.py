@@ -83,7 +83,7 @@ def check_keys(keys: Mapping[str, Any]) -> None:
         BundleError: at the first bad key.
     """
     from scripts.data import preprocessing  # here, not at import: both import MONAI's transforms
-    from scripts.engine import training
+    from scripts.ssl import batch
 
     if "patch_size" in keys:
         size = keys["patch_size"]
@@ -100,7 +100,7 @@ def check_keys(keys: Mapping[str, Any]) -> None:
         raise BundleError(f"modality={keys['modality']!r} is not a preset: use --modality one of {presets}.")
     if "augmentations" in keys:
         try:
-            training.build_augmentation(keys["augmentations"], keys.get("modality"), announce=False)
+            batch.build_augmentation(keys["augmentations"], keys.get("modality"), announce=False)
         except ValueError as err:
             raise BundleError(str(err)) from err
     if "output_dir" in keys:

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from ignite.engine import Engine, Events
+from monai.losses import DiceLoss
 from scripts.import_weights import load_backbone
 from scripts.networks.fpn3d import FPN3d, ResBlock3d
 from scripts.utils.distributed import unwrap
@@ -27,6 +28,7 @@ __all__ = [
     "BackboneWarmup",
     "check_linear_evaluation",
     "probabilities_to_labels",
+    "DiceBCELoss",
 ]
 
 
@@ -290,3 +292,34 @@ def probabilities_to_labels(probabilities: Tensor, threshold: float = 0.5) -> Te
     # a constant background channel at the threshold in front: argmax then picks it exactly when no class exceeds it
     background = torch.full_like(probabilities[:1], threshold)
     return torch.cat([background, probabilities]).argmax(0, keepdim=True).to(probabilities.dtype)
+
+
+class DiceBCELoss(nn.Module):
+    """
+    Per-class sigmoid segmentation loss of the DHR downstream protocol: soft Dice + binary cross-entropy.
+
+    MONAI's ``DiceCELoss`` applies softmax cross-entropy whenever there is more than one channel, so the per-class BCE
+    is composed here from ``DiceLoss(sigmoid=True)`` and ``BCEWithLogitsLoss``.
+
+    Args:
+        dice_weight: weight of the Dice term.
+        bce_weight: weight of the BCE term.
+    """
+
+    def __init__(self, dice_weight: float = 1.0, bce_weight: float = 1.0) -> None:
+        super().__init__()
+        self.dice_weight, self.bce_weight = dice_weight, bce_weight
+        self.dice = DiceLoss(sigmoid=True)
+        self.bce = nn.BCEWithLogitsLoss()
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            logits: (B, C, X, Y, Z), one channel per foreground class.
+            target: (B, C, X, Y, Z) in {0, 1}, the same classes.
+
+        Returns:
+            Scalar loss.
+        """
+        target = target.to(logits.dtype)
+        return self.dice_weight * self.dice(logits, target) + self.bce_weight * self.bce(logits, target)

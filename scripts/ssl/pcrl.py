@@ -44,8 +44,8 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from monai.engines import SupervisedTrainer
-from scripts.engine.training import batch_generator
 from scripts.networks.fpn3d import FPN3d
+from scripts.ssl.batch import batch_generator
 from scripts.utils.distributed import all_gather, average_, unwrap
 from torch import Tensor, nn
 
@@ -142,7 +142,7 @@ class PCRLBatch:
     clean
     views ``c1, c2`` (P, 1, X, Y, Z) each. See the module docstring for the terms.
 
-    Randomness as in `scripts.engine.training.SSLBatch`: every draw (corruption, transformations, mixing weights, mixup
+    Randomness as in `scripts.ssl.batch.SSLBatch`: every draw (corruption, transformations, mixing weights, mixup
     partners) comes from ``torch_generator(seed, rank, s)`` on the device, s = the batch's first ``sample_index``, and
     the mixing weights from ``torch_generator(seed, rank, s, 1)`` on the CPU; a batch without ``sample_index`` uses
     torch's default generators.

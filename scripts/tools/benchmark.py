@@ -40,9 +40,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from scripts.data.cache import write_entry
-from scripts.engine.training import SSLBatch
 from scripts.networks.fpn3d import dhr_network
 from scripts.networks.segmentation import segmentation_network
+from scripts.ssl.batch import SSLBatch
 from scripts.ssl.local_augmentations import LocalAugmentations
 from scripts.ssl.losses import HybridLoss
 from scripts.ssl.sampler import VoxelPairDataset, VoxelPairSamplerd
