@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
-from scripts.engine.handlers import latest_checkpoint
+from scripts.engine.runs import checkpoints
 from scripts.engine.weights import infer_info, matches, save_weights, sidecar
 from scripts.networks.fpn3d import FPN3d
 from scripts.utils import log
@@ -131,10 +131,10 @@ def checkpoint_file(src: str | os.PathLike) -> Path:
         return src
     if not src.is_dir():
         raise BundleError(f"{src} does not exist: give a weight file or a checkpoint folder")
-    found = latest_checkpoint(str(src)) or latest_checkpoint(str(src / "checkpoints"))
-    if found is None:
+    found = checkpoints(src) or checkpoints(src / "checkpoints")
+    if not found:
         raise BundleError(f"{src} holds no checkpoint_iteration=N.pt (nor does {src / 'checkpoints'})")
-    return Path(found)
+    return found[0]
 
 
 _RUN_KEYS = ("modality", "patch_size", "method")

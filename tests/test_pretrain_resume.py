@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 from bundle import monai_bundle_run
-from scripts.engine.handlers import latest_checkpoint
+from scripts.engine.runs import checkpoints
 from test_pretrain_bundle import TINY, write_volumes
 
 # Kills the process (as a kill -9 would: no handler, no cleanup) when iteration 5 completes, after the checkpoint of
@@ -37,8 +37,8 @@ def pretrain(tmp: Path, name: str, num_workers: int, crash: bool = False) -> int
 
 
 def final_state(output_dir: Path) -> dict:
-    checkpoint = latest_checkpoint(str(output_dir / "checkpoints"))
-    assert checkpoint is not None and checkpoint.endswith("=6.pt"), checkpoint
+    checkpoint = checkpoints(output_dir / "checkpoints")[0]
+    assert checkpoint.name.endswith("=6.pt"), checkpoint
     return torch.load(checkpoint, weights_only=False)
 
 
@@ -56,7 +56,7 @@ def test_killed_and_resumed_run_equals_the_uninterrupted_run(uninterrupted, num_
     tmp, expected = uninterrupted
     name = f"resumed_{num_workers}"
     pretrain(tmp, name, num_workers, crash=True)
-    assert latest_checkpoint(str(tmp / name / "checkpoints")).endswith("=4.pt")
+    assert checkpoints(tmp / name / "checkpoints")[0].name.endswith("=4.pt")
     result = pretrain(tmp, name, num_workers)
     assert "Resuming from" in result.stdout + result.stderr
     state = final_state(tmp / name)

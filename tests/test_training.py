@@ -5,7 +5,8 @@ import pytest
 import torch
 from ignite.engine import Engine, Events
 from monai.engines import SupervisedTrainer
-from scripts.engine.handlers import ExportBackbone, GradientClipping, NonFiniteLossGuard, latest_checkpoint
+from scripts.engine.handlers import ExportBackbone, GradientClipping, NonFiniteLossGuard
+from scripts.engine.runs import checkpoints
 from scripts.ssl.batch import SSLBatch
 from scripts.ssl.losses import HybridLoss
 from torch import nn
@@ -99,11 +100,11 @@ def test_non_finite_loss_stops_before_a_checkpoint_and_names_the_last_one(tmp_pa
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint_iteration=7.pt"], "no checkpoint after a NaN step"
 
 
-def test_latest_checkpoint_picks_the_highest_iteration(tmp_path):
-    assert latest_checkpoint(str(tmp_path)) is None
+def test_checkpoints_are_newest_first(tmp_path):
+    assert checkpoints(tmp_path) == []
     for name in ["checkpoint_iteration=90.pt", "checkpoint_iteration=100.pt", "other=500.pt"]:
         (tmp_path / name).write_bytes(b"")
-    assert latest_checkpoint(str(tmp_path)).endswith("checkpoint_iteration=100.pt")
+    assert [p.name for p in checkpoints(tmp_path)] == ["checkpoint_iteration=100.pt", "checkpoint_iteration=90.pt"]
 
 
 def test_export_backbone_writes_a_plain_state_dict_on_completion_only(tmp_path):

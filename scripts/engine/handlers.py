@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -17,6 +16,7 @@ from ignite.engine import Engine, Events
 from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
 from monai.handlers import MLFlowHandler
+from scripts.engine.runs import checkpoints
 from scripts.engine.weights import save_weights
 from scripts.utils import distributed
 from scripts.utils.distributed import all_gather, any_rank, is_main, stop_other_ranks
@@ -32,7 +32,6 @@ __all__ = [
     "NonFiniteLossGuard",
     "ProgressBar",
     "ExportBackbone",
-    "latest_checkpoint",
 ]
 
 logger = logging.getLogger(__name__)
@@ -160,7 +159,7 @@ class NonFiniteLossGuard:
         detail = ""
         if terms is not None:
             detail = "; " + ", ".join(f"{k}={float(v):.4g}" for k, v in zip(self._terms, terms[bad], strict=True))
-        last = latest_checkpoint(self.checkpoint_dir)
+        last = next(iter(checkpoints(self.checkpoint_dir)), None)
         raise NonFiniteLossError(
             f"Non-finite loss {where}{detail}. Training stopped at iteration {engine.state.iteration}, before any "
             f"checkpoint of the weights after it. The last good checkpoint is intact: {last or 'none written yet'}. "
@@ -272,11 +271,3 @@ class ExportBackbone:
         architecture = {k: getattr(self.backbone, k, None) for k in ("in_channels", "base_channels", "num_scales")}
         save_weights(self.backbone.state_dict(), self.path, {"kind": "backbone", **architecture, **self.info})
         logger.info(f"Exported the pretrained backbone to {self.path}")
-
-
-def latest_checkpoint(checkpoint_dir: str, pattern: str = r"checkpoint_iteration=(\d+)\.pt") -> str | None:
-    """The full-state checkpoint with the highest iteration in ``checkpoint_dir``, or None if there is none."""
-    found: Sequence[tuple[int, Path]] = [
-        (int(m.group(1)), p) for p in Path(checkpoint_dir).glob("*.pt") if (m := re.fullmatch(pattern, p.name))
-    ]
-    return str(max(found)[1]) if found else None
