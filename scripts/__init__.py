@@ -7,8 +7,9 @@ release tools, not shipped to the Model Zoo). `visualize` and `import_weights` a
 bundle keeps.
 
 Submodules load on first use (``scripts.data.preprocessing`` after ``import scripts``), so that
-``python -m scripts.<module>`` does not import the module twice. Importing the package installs the hook that reports a
-user error as one clear line.
+``python -m scripts.<module>`` does not import the module twice. Importing the package changes nothing else: the entry
+points (each workflow config's first ``initialize`` step, each command's ``main``) install the hook that reports a
+user error as one clear line (`scripts.utils.errors.install`).
 """
 
 import importlib
@@ -31,7 +32,3 @@ def lazy_submodules(package: str) -> Callable[[str], ModuleType]:
 
 
 __getattr__ = lazy_submodules(__name__)
-
-from .utils import errors  # noqa: E402  (after lazy_submodules, which the subpackages import)
-
-errors.install()

@@ -27,7 +27,7 @@ import torch
 from scripts.engine.runs import checkpoints
 from scripts.engine.weights import infer_info, matches, save_weights, sidecar
 from scripts.networks.fpn3d import FPN3d
-from scripts.utils import log
+from scripts.utils import errors, log
 from scripts.utils.errors import BundleError
 from torch import Tensor
 
@@ -235,6 +235,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--patch_size", type=int, nargs=3, help="pretraining patch size in voxels")
     parser.add_argument("--method", choices=["dhr", "vox2vec", "pcrl"], help="pretraining method")
     args = parser.parse_args(argv)
+    errors.install()
     log.configure()
 
     try:

@@ -35,7 +35,7 @@ from scripts.data.preprocessing import PRESETS, preprocessing
 from scripts.engine.weights import read_info
 from scripts.import_weights import load_backbone
 from scripts.networks.fpn3d import FPN3d
-from scripts.utils import log
+from scripts.utils import errors, log
 from scripts.utils.errors import BundleError
 from torch import Tensor
 
@@ -193,6 +193,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--modality", default="mri", choices=sorted(PRESETS), help="preset when the file records none")
     parser.add_argument("--crop", nargs=3, type=int, default=[96, 96, 64], help="voxels embedded around the query")
     args = parser.parse_args(argv)
+    errors.install()
     log.configure()
     for path in [*args.backbone, args.image]:
         if not Path(path).is_file():

@@ -1,17 +1,26 @@
-"""A BundleError raised inside a bundle run ends the output with its own message, not MONAI's wrapper."""
+"""A BundleError raised inside a bundle run ends the output with its own message, not MONAI's wrapper, once the entry
+point has installed the hook (as every workflow config's first `initialize` step does); importing `scripts` does not."""
 
+import ast
+import json
 import os
 import subprocess
 import sys
 import textwrap
 
+import pytest
+import yaml
+
 from tests.bundle import ROOT
+
+INSTALL = "$scripts.utils.errors.install()"
 
 
 def run_config(tmp_path, expression: str, **env) -> subprocess.CompletedProcess:
     config = tmp_path / "c.yaml"
     text = f"""
         imports: ["$import scripts"]
+        initialize: ["{INSTALL}"]
         value: "{expression}"
         run: ["$print(@value)"]
         """
@@ -33,3 +42,32 @@ def test_other_errors_keep_their_traceback(tmp_path):
     result = run_config(tmp_path, "$int('abc')")
     assert result.returncode != 0
     assert "Traceback" in result.stderr and "invalid literal" in result.stderr
+
+
+@pytest.mark.parametrize("config", ["pretrain.yaml", "train.yaml", "inference.json"])
+def test_every_workflow_installs_the_hook_first(config):
+    """The base configs (the override files keep their `initialize`) install the hook before any other step."""
+    text = (ROOT / "configs" / config).read_text()
+    initialize = (json.loads(text) if config.endswith(".json") else yaml.safe_load(text))["initialize"]
+    assert initialize[0] == INSTALL
+
+
+def test_importing_scripts_leaves_the_excepthook_alone():
+    code = "import sys, scripts.utils.errors, scripts.engine.handlers; print(sys.excepthook is sys.__excepthook__)"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.stdout.strip() == "True", result.stderr[-2000:]
+
+
+def test_every_command_installs_the_hook():
+    """Each `python -m scripts.<module>` entry point (a module with a ``main``) installs the hook in ``main``."""
+    commands = []
+    for path in sorted((ROOT / "scripts").rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        main = next((n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "main"), None)
+        if main is not None:
+            commands.append(path.relative_to(ROOT).as_posix())
+            assert "errors.install()" in ast.unparse(main), f"{path}: main() does not install the hook"
+    assert "scripts/import_weights.py" in commands and "scripts/tools/release.py" in commands

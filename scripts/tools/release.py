@@ -36,7 +36,7 @@ import yaml
 from scripts.engine import weights
 from scripts.networks.fpn3d import FPN3d
 from scripts.networks.segmentation import segmentation_network
-from scripts.utils import log
+from scripts.utils import errors, log
 from scripts.utils.errors import BundleError
 
 __all__ = ["DEFAULT_NAME", "describe_weights", "set_yaml_keys", "network_formats", "write_zip", "release", "main"]
@@ -281,6 +281,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output_dir", default="release", type=Path)
     parser.add_argument("--changelog", help="changelog entry for --version, if configs/metadata.json has none")
     args = parser.parse_args(argv)
+    errors.install()
     log.configure()
     paths = release(args.version, args.base_url, args.model, args.backbone, args.name, args.output_dir, args.changelog)
     logger.info(f"submission folder (the Zoo's models/{args.name}): {paths.pop('folder')}")

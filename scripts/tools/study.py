@@ -43,7 +43,7 @@ from monai.bundle import ConfigParser
 from scripts.data.demo import prepare_demo
 from scripts.data.splits import datalist_digest, labelled_datalist
 from scripts.engine.weights import file_digest, read_info
-from scripts.utils import log
+from scripts.utils import errors, log
 from scripts.utils.cli import given_keys, given_value, none_overrides
 
 logger = logging.getLogger(__name__)
@@ -459,6 +459,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if not Path(path).is_file():
             parser.exit(1, f"error: pretrained backbone {path} does not exist\n")
 
+    errors.install()
     log.configure()
     datalist = datalist_sha256(extra)  # before the first cell: unreadable data stops the study here
     root = Path(args.output_dir)
