@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 __all__ = [
     "log_every",
+    "loss_only",
     "BF16WithoutGradScaler",
     "GradientClipping",
     "NonFiniteLossError",
@@ -51,6 +52,11 @@ def log_every(handlers: list, interval: int) -> list:
 def _output_loss(output: dict | list[dict]) -> torch.Tensor:
     """The loss of a trainer output, decollated (a list of dicts) or not (a dict)."""
     return (output[0] if isinstance(output, list) else output)["loss"]
+
+
+def loss_only(output: dict | list[dict]) -> dict[str, float]:
+    """``output_transform`` for :class:`ProgressBar`: the loss of a trainer output, as a float (a host-device sync)."""
+    return {"loss": float(_output_loss(output))}
 
 
 class BF16WithoutGradScaler:

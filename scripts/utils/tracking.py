@@ -18,7 +18,14 @@ import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-__all__ = ["executed_config", "config_params", "record_config", "pretrain_run_name", "downstream_run_name"]
+__all__ = [
+    "executed_config",
+    "config_params",
+    "record_config",
+    "add_artifacts",
+    "pretrain_run_name",
+    "downstream_run_name",
+]
 
 # MLflow's longest parameter value (mlflow.utils.validation.MAX_PARAM_VAL_LENGTH); longer ones are cut.
 _MAX_PARAM_LENGTH = 6000
@@ -75,6 +82,16 @@ def record_config(handlers: Iterable, output_dir: str | os.PathLike) -> None:
         handler.experiment_param = {**(handler.experiment_param or {}), **params}
         others = [a for a in handler.artifacts if a and executed_config([a], output_dir) is None]
         handler.artifacts = (*others, str(config_file))
+
+
+def add_artifacts(handlers: Iterable, *paths: str | os.PathLike) -> None:
+    """With ``--tracking mlflow``: makes each ``MLFlowHandler`` among ``handlers`` also upload ``paths`` (files or
+    folders) when its engine completes. Without tracking there is no such handler and nothing changes."""
+    from monai.handlers import MLFlowHandler
+
+    for handler in handlers:
+        if isinstance(handler, MLFlowHandler):
+            handler.artifacts = (*handler.artifacts, *map(str, paths))
 
 
 def _unfinished_run_params(handler) -> dict[str, str]:
