@@ -200,7 +200,7 @@ def segmentation_network(
     backbone = FPN3d(1, base_channels, num_scales, activation_checkpointing=activation_checkpointing)
     if pretrained_ckpt is not None:
         load_backbone(pretrained_ckpt, backbone)
-        # print, not logging: the engine loggers are silent in bundle runs, and this choice must be visible. (Without a
+        # at INFO, which configs/logging.conf prints: the initialisation must be visible in the run's output. (Without a
         # checkpoint, the workflow says what it starts from: random weights to train, or a trained model_file.)
         logger.info(
             f"segmentation network: FPN3d(1, {base_channels}, {num_scales}) backbone loaded from {pretrained_ckpt}"
