@@ -14,10 +14,9 @@ regions at the coarse ones, and lights up tissue like the query's.
 
 The architecture comes from the file (``scripts.engine.weights.read_info``: its sidecar, or its tensor shapes), the
 preprocessing is the bundle's (``scripts.data.preprocessing.preprocessing``) with the file's modality preset when it
-records one,
-else ``--modality``. To stay fast on a CPU the network sees one crop of the preprocessed volume, ``--crop`` voxels
-centred on the query voxel (the whole volume when smaller; padded to the crop size when the volume is), so the demo
-backbone takes seconds.
+records one, else ``--modality``. The network sees one crop of the preprocessed volume, ``--crop`` voxels centred on
+the query voxel (the whole volume when smaller; padded to the crop size when the volume is), so that the demo backbone
+takes seconds on a CPU.
 """
 
 from __future__ import annotations

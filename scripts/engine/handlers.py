@@ -249,8 +249,7 @@ class ProgressBar:
 class ExportBackbone:
     """
     Saves the backbone's plain ``state_dict`` and its sidecar (``scripts.engine.weights``) when training completes: the
-    files
-    downstream workflows load.
+    files downstream workflows load.
 
     Only on completion: an interrupted or failed run must not overwrite a good earlier export. Use
     ``python -m scripts.import_weights <full checkpoint> <file>`` to export from an intermediate checkpoint. Only rank 0

@@ -1,7 +1,9 @@
-"""Downstream segmentation network of DHR (Kats et al., ISBI 2024): a pretrained `FPN3d` backbone plus an FPN head.
+"""Downstream segmentation network of DHR (Kats et al., ISBI 2024): a pretrained `FPN3d` backbone plus an FPN head,
+the warm-up handler and the loss.
 
 Linear evaluation trains a head on a frozen backbone; fine-tuning freezes the backbone for a warm-up of some epochs
-(`BackboneWarmup`), then trains everything. Outputs are per-class logits (sigmoid downstream, not softmax).
+(`BackboneWarmup`), then trains everything. Outputs are per-class logits, trained with `DiceBCELoss` (sigmoid per
+class, not softmax).
 """
 
 import logging

@@ -47,15 +47,14 @@ class SSLBatch:
     """
     ``prepare_batch`` for ``SupervisedTrainer``: moves voxel-pair batches to the device and augments them there.
 
-    A batch from :class:`scripts.ssl.sampler.VoxelPairSamplerd` holds V volumes x N pairs; both views of all P = V * N
-    pairs
-    are stacked into one network input (2P, 1, X, Y, Z), view 1 first, so that one backbone pass serves both. Each view
-    is augmented independently, batched, on the training device; the clean views are kept as restoration targets.
+    A batch from :class:`scripts.ssl.sampler.VoxelPairSamplerd` holds V volumes x N pairs; both views of all
+    P = V * N pairs are stacked into one network input (2P, 1, X, Y, Z), view 1 first, so that one backbone pass serves
+    both. Each view is augmented independently, batched, on the training device; the clean views are kept as
+    restoration targets.
 
     The augmentation draws from ``torch_generator(seed, rank, s)`` on the device (`scripts.utils.randomness`), s = the
-    batch's
-    first ``sample_index``, so a step's augmentations depend on its samples alone (resumed runs reproduce them). A batch
-    without ``sample_index`` uses torch's default generator.
+    batch's first ``sample_index``, so a step's augmentations depend on its samples alone (resumed runs reproduce
+    them). A batch without ``sample_index`` uses torch's default generator.
 
     Args:
         augment: batched augmentation ``(B, 1, X, Y, Z), generator=... -> (B, 1, X, Y, Z)``, or None for none.

@@ -6,12 +6,10 @@
 writes into ``--output_dir`` (default ``release/``):
 
 - ``<name>/``: the submission folder, laid out as the Zoo's ``models/<name>/``: ``configs/``, ``docs/``,
-  ``scripts/``, ``LICENSE``, ``models/`` with the weights' JSON descriptions, and ``large_files.yml`` (path, url,
-  sha256 of every weight file; the Zoo keeps files over 25 MB out of its repository, and a default-shaped weight file
-  is about 190 MB). No tests, CI, requirements or tool settings.
+  ``scripts/`` (without ``scripts/tools/``), ``LICENSE``, ``models/`` with the weights' JSON descriptions, and
+  ``large_files.yml`` (path, url, sha256 of every weight file). No tests, CI, requirements or tool settings.
 - ``<name>_v<version>.zip``: what the Zoo publishes and ``monai.bundle.download`` fetches: the same folder with the
-  weights inside ``models/`` and no ``large_files.yml`` (the Zoo's CI downloads the large files into the copy it
-  zips), written deterministically (sorted entries, fixed times) as the Zoo's ``zip -D -X`` does.
+  weights inside ``models/`` and no ``large_files.yml``, written deterministically (sorted entries, fixed times).
 - ``<name>_v<version>_<file>.pt``: each weight file under the name ``large_files.yml`` gives it below ``--base_url``.
 
 Upload the zip and the weight files to ``--base_url``. The released copy's configs carry the weights' architecture
@@ -57,8 +55,8 @@ def describe_weights(path: Path, kind: str) -> dict:
     """The architecture of the weight file ``path`` (``kind`` "segmentation" or "backbone"), checked by loading it.
 
     Keys come from the file's description (``scripts.engine.weights.read_info``: the JSON sidecar, else FPN3d tensor
-    shapes);
-    for a segmentation file without a description, ``num_classes`` and ``head`` are read from the head's tensors.
+    shapes); for a segmentation file without a description, ``num_classes`` and ``head`` are read from the head's
+    tensors.
     The network of ``configs/inference.json`` (segmentation) or ``FPN3d`` (backbone) is then built from these keys
     and must load every tensor strictly.
 

@@ -2,8 +2,8 @@
 
 Usage (from the bundle root)::
 
-    python -m scripts.tools.study --pretrained runs/pretrain/pretrained_backbone.pt --budgets 1 2 4 --folds 0 1 2 \
-        [--modes linear finetune] [--warmup_epochs N] [--output_dir runs/study] [--tracking mlflow] \
+    python -m scripts.tools.study --pretrained runs/pretrain/pretrained_backbone.pt --budgets 1 2 4 --folds 0 1 2 \\
+        [--modes linear finetune] [--warmup_epochs N] [--output_dir runs/study] [--tracking mlflow] \\
         [-- --epochs 20 --epoch_length 50]
 
 Every cell of {from scratch, each pretrained backbone} x {linear evaluation, fine-tuning} x budgets x folds is one

@@ -1,10 +1,10 @@
-"""Random draws as pure functions of (seed, *counters), so that a pretraining step's randomness has no state.
+"""Randomness: draws as pure functions of (seed, *counters), and the run-wide seeding and determinism switch.
 
-Every random draw of a pretraining step comes from a generator made here from ``(seed, rank, sample index)``: a resumed
-run, any ``num_workers`` and any number of ranks then draw exactly what an uninterrupted run draws, with nothing to
-store in a checkpoint. The counters are hashed (BLAKE2b of their fixed-width encoding) into the generator's seed, so
-distinct tuples, even of different lengths, never share a stream (``(1, 23)`` and ``(12, 3)`` differ; so do ``(0,)``
-and ``(0, 0)``).
+:func:`numpy_rng` and :func:`torch_generator` make a generator from ``(seed, *counters)`` alone, e.g. ``(seed, rank,
+sample index)`` for a pretraining step: a resumed run, any ``num_workers`` and any number of ranks draw what an
+uninterrupted run draws, with no state to store. Distinct tuples, even of different lengths, never share a stream (the
+counters are hashed with BLAKE2b). :func:`set_determinism` seeds the global generators with ``seed + rank`` and chooses
+between speed and bitwise reproducibility.
 """
 
 from __future__ import annotations
