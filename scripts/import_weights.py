@@ -137,8 +137,8 @@ def checkpoint_file(src: str | os.PathLike) -> Path:
     return found[0]
 
 
+# What a backbone's sidecar records beyond the architecture, which the tensor shapes tell.
 _RUN_KEYS = ("modality", "patch_size", "method")
-"""What a backbone's sidecar records beyond the architecture, which the tensor shapes tell."""
 
 
 def _run_identity(checkpoint: Mapping) -> dict:

@@ -40,8 +40,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["CACHE_VERSION", "cache_folder", "entry_name", "open_volume", "prepare_volumes", "write_entry"]
 
+# Part of every folder's hash: raise it when preprocessing changes what is stored, so old entries are not used.
 CACHE_VERSION = 1
-"""Part of every folder's hash: raise it when preprocessing changes what is stored, so old entries are not used."""
 
 _TEMPORARY = re.compile(r"\.tmp-(\d+)-.*")
 
