@@ -5,7 +5,7 @@ import pytest
 import torch
 from ignite.engine import Engine, Events
 from monai.engines import SupervisedTrainer
-from scripts.engine.handlers import ExportBackbone, GradientClipping, NonFiniteLossGuard
+from scripts.engine.handlers import ExportBackbone, GradientClipping, NonFiniteLossGuard, loss_only
 from scripts.engine.runs import checkpoints
 from scripts.ssl.batch import SSLBatch
 from scripts.ssl.losses import HybridLoss
@@ -281,3 +281,7 @@ def test_a_tiny_pretraining_brings_infonce_below_chance():
     chance = sum(math.log(2 * int(b["valid"].sum()) - 1) for b in batches[-5:]) / 5
     first, last = sum(infonce[:5]) / 5, sum(infonce[-5:]) / 5
     assert last < first - 0.5 and last < chance - 0.25, (first, last, chance)
+
+
+def test_loss_only_reads_a_decollated_or_a_plain_output():
+    assert loss_only([{"loss": torch.tensor(1.5)}]) == loss_only({"loss": torch.tensor(1.5)}) == {"loss": 1.5}
