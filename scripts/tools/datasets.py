@@ -19,17 +19,12 @@ MSD-style datalist (``{"training": [{"image", "label"}], ...}`` with absolute pa
 release does not have, a case found twice, a case of the release that is missing) is found first and reported together
 in one error, before anything is written.
 
-Label maps. A datalist cannot change voxel values, and every workflow (training, its label checks, evaluation at the
-original grid) reads label files, so a label map other than ``all`` is applied by writing remapped label files (uint8,
-the source's header and affine) into ``<output>_labels/`` beside the datalist; images are never rewritten and stay
-where the user put them. A remapped file is rewritten only when its source label (path, size, modification time) or
-the map changed (``manifest.json`` there records both), so converting again keeps the label files, and with them the
-datalist digest that identifies the study's finished cells. AMOS's maps: ``dhr`` (default for ``amos_mri``) keeps
-labels 1..12, spleen to left adrenal gland, and sets duodenum, bladder and prostate/uterus (13..15) to background, as
-the DHR authors' downstream code one-hot encodes labels 1..12 only; ``merged`` also merges right and left kidney, and
-right and left adrenal gland, into one class each (10 classes); ``all`` keeps the 15 classes (files used as released).
-The DHR authors train 12 classes and average the right and left Dice of kidney and adrenal gland into one column each
-when they tabulate (their ``calculate_results.py``): ``table --merge_left_right`` does that with a study's results.
+A label map other than ``all`` is applied by writing remapped label files (uint8, the source's header and affine) into
+``<output>_labels/`` beside the datalist, rewritten only when their source label (path, size, modification time) or the
+map changed (``manifest.json`` there records both); images are never rewritten. AMOS's maps: ``dhr`` (default for
+``amos_mri``) keeps labels 1..12 and sets 13..15 to background; ``merged`` also merges right and left kidney, and right
+and left adrenal gland (10 classes); ``all`` keeps the 15 classes. Why these maps, and the authors' tabulation that
+``table --merge_left_right`` follows: docs/reproduce.md, "Label maps".
 
 ``combine`` joins datalists into one pretraining datalist: the images of their ``training``, ``validation`` and
 ``test`` lists, without labels; a missing file or an image listed twice is an error, all of them named at once.
@@ -55,6 +50,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 from scripts.data.splits import split_cases
+from scripts.utils import errors
 from scripts.utils.errors import BundleError, InputNotFoundError, InvalidInputError
 
 __all__ = ["DATASETS", "LabelMap", "Dataset", "Found", "convert", "combine", "organ_table", "main"]
@@ -897,6 +893,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     sub.add_argument("--merge_left_right", action="store_true", help="average right and left organs into one column")
     sub.add_argument("--output", help="CSV (default: <study_dir>/organ_table.csv)")
     args = parser.parse_args(argv)
+    errors.install()
     if args.command == "combine":
         combine(args.sources, args.output)
     elif args.command == "table":
