@@ -1,14 +1,11 @@
-"""Python components of the DHR bundle, referenced from `configs/*.yaml` as `scripts.<package>.<module>.<Name>`.
+"""Python components of the DHR bundle, referenced from `configs/*` as `scripts.<package>.<module>.<Name>`.
 
-Subpackages group the modules by role: `networks` (backbones, projections, heads), `ssl` (sampler, losses,
-augmentations, PCRL), `data` (presets, preprocessing, cache, splits, demo), `engine` (handlers, runs and checkpoints,
-evaluation, weight files), `utils` (distributed, randomness, errors, logging, tracking) and `tools` (the research and
-release tools, not shipped to the Model Zoo). `visualize` and `import_weights` are the user commands a downloaded
-bundle keeps.
-
-Submodules load on first use (``scripts.data.preprocessing`` after ``import scripts``), so that
-``python -m scripts.<module>`` does not import the module twice. Importing the package installs the hook that reports a
-user error as one clear line.
+Subpackages by role: `networks` (backbones, projections, heads, downstream loss), `ssl` (sampler, losses, augmentations,
+batch preparation, PCRL), `data` (presets, preprocessing, cache, splits, demo), `engine` (handlers, validation, runs and
+checkpoints, evaluation, weight files, workflow messages), `utils` (distributed, randomness, errors, logging, tracking)
+and `tools` (research and release tools, not shipped to the Model Zoo). `visualize` and `import_weights` are the
+commands a downloaded bundle keeps. Submodules load on first access (``scripts.data.preprocessing`` after
+``import scripts``); importing the package has no other effect.
 """
 
 import importlib
@@ -17,7 +14,8 @@ from types import ModuleType
 
 
 def lazy_submodules(package: str) -> Callable[[str], ModuleType]:
-    """A module ``__getattr__`` for `package` that imports its submodule ``name`` on first access."""
+    """A module ``__getattr__`` for `package` that imports its submodule ``name`` on first access (importing them all
+    in ``__init__`` would make ``python -m scripts.<module>`` import that module twice)."""
 
     def __getattr__(name: str) -> ModuleType:  # noqa: N807  (the module hook PEP 562 names)
         try:
@@ -31,7 +29,3 @@ def lazy_submodules(package: str) -> Callable[[str], ModuleType]:
 
 
 __getattr__ = lazy_submodules(__name__)
-
-from .utils import errors  # noqa: E402  (after lazy_submodules, which the subpackages import)
-
-errors.install()

@@ -24,10 +24,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
-from scripts.engine.training import latest_checkpoint
+from scripts.engine.runs import checkpoints
 from scripts.engine.weights import infer_info, matches, save_weights, sidecar
 from scripts.networks.fpn3d import FPN3d
-from scripts.utils import log
+from scripts.utils import errors, log
 from scripts.utils.errors import BundleError
 from torch import Tensor
 
@@ -131,14 +131,14 @@ def checkpoint_file(src: str | os.PathLike) -> Path:
         return src
     if not src.is_dir():
         raise BundleError(f"{src} does not exist: give a weight file or a checkpoint folder")
-    found = latest_checkpoint(str(src)) or latest_checkpoint(str(src / "checkpoints"))
-    if found is None:
+    found = checkpoints(src) or checkpoints(src / "checkpoints")
+    if not found:
         raise BundleError(f"{src} holds no checkpoint_iteration=N.pt (nor does {src / 'checkpoints'})")
-    return Path(found)
+    return found[0]
 
 
+# What a backbone's sidecar records beyond the architecture, which the tensor shapes tell.
 _RUN_KEYS = ("modality", "patch_size", "method")
-"""What a backbone's sidecar records beyond the architecture, which the tensor shapes tell."""
 
 
 def _run_identity(checkpoint: Mapping) -> dict:
@@ -235,6 +235,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--patch_size", type=int, nargs=3, help="pretraining patch size in voxels")
     parser.add_argument("--method", choices=["dhr", "vox2vec", "pcrl"], help="pretraining method")
     args = parser.parse_args(argv)
+    errors.install()
     log.configure()
 
     try:

@@ -14,10 +14,9 @@ regions at the coarse ones, and lights up tissue like the query's.
 
 The architecture comes from the file (``scripts.engine.weights.read_info``: its sidecar, or its tensor shapes), the
 preprocessing is the bundle's (``scripts.data.preprocessing.preprocessing``) with the file's modality preset when it
-records one,
-else ``--modality``. To stay fast on a CPU the network sees one crop of the preprocessed volume, ``--crop`` voxels
-centred on the query voxel (the whole volume when smaller; padded to the crop size when the volume is), so the demo
-backbone takes seconds.
+records one, else ``--modality``. The network sees one crop of the preprocessed volume, ``--crop`` voxels centred on
+the query voxel (the whole volume when smaller; padded to the crop size when the volume is), so that the demo backbone
+takes seconds on a CPU.
 """
 
 from __future__ import annotations
@@ -35,7 +34,7 @@ from scripts.data.preprocessing import PRESETS, preprocessing
 from scripts.engine.weights import read_info
 from scripts.import_weights import load_backbone
 from scripts.networks.fpn3d import FPN3d
-from scripts.utils import log
+from scripts.utils import errors, log
 from scripts.utils.errors import BundleError
 from torch import Tensor
 
@@ -193,6 +192,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--modality", default="mri", choices=sorted(PRESETS), help="preset when the file records none")
     parser.add_argument("--crop", nargs=3, type=int, default=[96, 96, 64], help="voxels embedded around the query")
     args = parser.parse_args(argv)
+    errors.install()
     log.configure()
     for path in [*args.backbone, args.image]:
         if not Path(path).is_file():

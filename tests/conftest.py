@@ -11,6 +11,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import logging  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
+import sys  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -90,14 +91,15 @@ _CHANGED = pytest.StashKey[list]()
 
 
 @pytest.fixture(autouse=True)
-def restore_logging():
+def restore_logging_and_excepthook():
     """The scripts' command lines run in this process apply configs/logging.conf, which binds a handler to the test's
-    captured stdout: later tests must not write to it."""
+    captured stdout: later tests must not write to it. Workflows and commands install the bundle's excepthook."""
     root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
+    handlers, level, hook = root.handlers[:], root.level, sys.excepthook
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
+    sys.excepthook = hook
 
 
 # ---- the shared tiny pretraining

@@ -1,19 +1,26 @@
-"""A BundleError raised inside a bundle run ends the output with its own message, not MONAI's wrapper: the hook in this
-process, and (slow tier) `python -m monai.bundle run` in a process of its own."""
+"""A BundleError raised inside a bundle run ends the output with its own message, not MONAI's wrapper, once the entry
+point has installed the hook (as every workflow config's first `initialize` step does); importing `scripts` does not.
+The hook is checked in this process, and (slow tier) through `python -m monai.bundle run` in a process of its own."""
 
+import ast
+import json
 import subprocess
 import sys
 import textwrap
 
 import pytest
-from bundle import WORKFLOW_LIMIT, command_env, run_command
+import yaml
+from bundle import HELP_LIMIT, ROOT, WORKFLOW_LIMIT, command_env, run_command
 from scripts.utils.errors import BundleError, report
+
+INSTALL = "$scripts.utils.errors.install()"
 
 
 def run_config(tmp_path, expression: str) -> subprocess.CompletedProcess:
     config = tmp_path / "c.yaml"
     text = f"""
         imports: ["$import scripts"]
+        initialize: ["{INSTALL}"]
         value: "{expression}"
         run: ["$print(@value)"]
         """
@@ -66,3 +73,30 @@ def test_other_errors_keep_their_traceback(tmp_path):
     result = run_config(tmp_path, "$int('abc')")
     assert result.returncode != 0
     assert "Traceback" in result.stderr and "invalid literal" in result.stderr
+
+
+@pytest.mark.parametrize("config", ["pretrain.yaml", "train.yaml", "inference.json"])
+def test_every_workflow_installs_the_hook_first(config):
+    """The base configs (the override files keep their `initialize`) install the hook before any other step."""
+    text = (ROOT / "configs" / config).read_text()
+    initialize = (json.loads(text) if config.endswith(".json") else yaml.safe_load(text))["initialize"]
+    assert initialize[0] == INSTALL
+
+
+def test_importing_scripts_leaves_the_excepthook_alone():
+    """In a fresh interpreter: this one has run workflows, which install the hook."""
+    code = "import sys, scripts.utils.errors, scripts.engine.handlers; print(sys.excepthook is sys.__excepthook__)"
+    result = run_command([sys.executable, "-c", code], timeout=HELP_LIMIT, env=command_env())
+    assert result.stdout.strip() == "True", result.stderr[-2000:]
+
+
+def test_every_command_installs_the_hook():
+    """Each `python -m scripts.<module>` entry point (a module with a ``main``) installs the hook in ``main``."""
+    commands = []
+    for path in sorted((ROOT / "scripts").rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        main = next((n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "main"), None)
+        if main is not None:
+            commands.append(path.relative_to(ROOT).as_posix())
+            assert "errors.install()" in ast.unparse(main), f"{path}: main() does not install the hook"
+    assert "scripts/import_weights.py" in commands and "scripts/tools/release.py" in commands

@@ -104,7 +104,7 @@ def test_term_metrics_average_over_an_epoch_and_logging_transform():
 def test_dice_bce_is_per_class_sigmoid_soft_dice_plus_bce_by_hand():
     """Values computed by hand from the definitions (REFERENCE.md: per-class sigmoid, BCE + soft Dice): soft Dice
     1 - 2 sum(p t) / (sum(p) + sum(t)) per class, averaged; BCE averaged over every voxel and class."""
-    from scripts.ssl.losses import DiceBCELoss
+    from scripts.networks.segmentation import DiceBCELoss
 
     log3 = math.log(3)  # sigmoid(log 3) = 3/4
     # one case, 2 classes, 4 voxels: class 1 predicted 3/4 where labelled, 1/4 elsewhere; class 2 unsure (1/2)
@@ -123,7 +123,7 @@ def test_dice_bce_is_per_class_sigmoid_soft_dice_plus_bce_by_hand():
 def test_dice_bce_scores_each_class_on_its_own():
     """Sigmoid per class, not softmax across classes: overlapping classes can both be certain, and a 2-class loss is
     the mean of the two 1-class losses."""
-    from scripts.ssl.losses import DiceBCELoss
+    from scripts.networks.segmentation import DiceBCELoss
 
     both = torch.ones(1, 2, 4, 2, 2)  # every voxel in both classes
     assert DiceBCELoss()(torch.full_like(both, 20.0), both).item() < 1e-4  # a softmax would give each class 1/2

@@ -5,8 +5,8 @@ import warnings
 import pytest
 import torch
 from authors_layout import authors_state, fpn3d_layout
-from scripts.engine.training import SSLBatch
 from scripts.networks.fpn3d import FPN3d, MaskedBatchNorm1d, MultiscaleProjection, ProjectionHead, dhr_network
+from scripts.ssl.batch import SSLBatch
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import torch
 from bundle import PRETRAIN_TINY, ROOT, monai_bundle_run, run_workflow
 from ignite.handlers import Checkpoint
 from monai.bundle import ConfigParser
-from scripts.engine.training import GradientClipping
+from scripts.engine.handlers import GradientClipping
 from scripts.import_weights import extract_backbone_state
 from scripts.networks.fpn3d import FPN3d
 from scripts.ssl.local_augmentations import LocalAugmentations

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from bundle import ROOT, monai_bundle_run, run_workflow
-from scripts.engine.training import latest_checkpoint
+from scripts.engine.runs import checkpoints
 from test_pretrain_bundle import TINY, write_volumes
 
 # Raises when iteration 5 completes, after the checkpoint of iteration 4 (checkpoint_interval 2); then pretrain.yaml's
@@ -26,7 +26,7 @@ def test_stopped_and_resumed_run_equals_the_uninterrupted_run(pretrained, tmp_pa
     keys = {**pretrained.keys, "output_dir": tmp_path / "out", "cache_dir": tmp_path / "cache", "bundle_root": tmp_path}
     stopped = run_workflow("pretrain", ["configs/pretrain.yaml", str(tmp_path / "stop.yaml")], fails=True, **keys)
     assert "stopped at iteration 5" in repr(stopped.error.__cause__ or stopped.error.__context__)
-    assert latest_checkpoint(str(tmp_path / "out/checkpoints")).endswith("=4.pt")
+    assert checkpoints(tmp_path / "out/checkpoints")[0].name.endswith("=4.pt")
     assert "Resuming from" in run_workflow("pretrain", "configs/pretrain.yaml", **keys).log
     expected, state = final_state(pretrained.out), final_state(tmp_path / "out")
     for key, value in expected["network"].items():
@@ -65,8 +65,8 @@ def pretrain(tmp: Path, name: str, num_workers: int, crash: bool = False) -> int
 
 
 def final_state(output_dir: Path) -> dict:
-    checkpoint = latest_checkpoint(str(output_dir / "checkpoints"))
-    assert checkpoint is not None and checkpoint.endswith("=6.pt"), checkpoint
+    checkpoint = checkpoints(output_dir / "checkpoints")[0]
+    assert checkpoint.name.endswith("=6.pt"), checkpoint
     return torch.load(checkpoint, weights_only=False)
 
 
@@ -85,7 +85,7 @@ def test_killed_and_resumed_run_equals_the_uninterrupted_run(uninterrupted, num_
     tmp, expected = uninterrupted
     name = f"resumed_{num_workers}"
     pretrain(tmp, name, num_workers, crash=True)
-    assert latest_checkpoint(str(tmp / name / "checkpoints")).endswith("=4.pt")
+    assert checkpoints(tmp / name / "checkpoints")[0].name.endswith("=4.pt")
     result = pretrain(tmp, name, num_workers)
     assert "Resuming from" in result.stdout + result.stderr
     state = final_state(tmp / name)

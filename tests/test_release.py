@@ -2,18 +2,23 @@
 127.0.0.1 -> downloaded and loaded through MONAI's Zoo API in a fresh process from another folder -> the Zoo's checks.
 
 The Model Zoo's own CI script (`ci/verify_bundle.py`) runs when a copy of the model-zoo repository is found at
-$MODEL_ZOO_DIR (default /work/model-zoo); CI has none, and there the MONAI checks it is made of run instead."""
+$MODEL_ZOO_DIR (default /work/model-zoo); CI has none, and there the MONAI checks it is made of run instead. The same
+holds for the Zoo's unit-test runner, which runs the release's unit test. The Zoo's pre-commit hooks are applied as
+pure-Python equivalents (the hooks of its .pre-commit-config.yaml that look at file contents)."""
 
 import functools
 import hashlib
+import io
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
 import textwrap
 import threading
+import tokenize
 import zipfile
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -188,3 +193,132 @@ def test_model_zoo_verify_bundle(release, tmp_path, source, mode):
     assert "metadata format is verified correctly." in result.stdout
     if mode == "full":
         assert "export weights into TorchScript module successfully." in result.stdout
+
+
+def pre_commit_problems(root: Path) -> list[str]:
+    """What the Zoo's pre-commit hooks (pre-commit-hooks v4.6.0, with the Zoo's arguments) would fix or refuse in the
+    files under `root`: end-of-file-fixer, trailing-whitespace, mixed-line-ending, check-docstring-first, check-yaml,
+    pretty-format-json (--no-sort-keys --indent=4), check-added-large-files (1024 KB), check-case-conflict,
+    check-executables-have-shebangs, detect-private-key."""
+    problems, seen = [], {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        name, data = path.relative_to(root).as_posix(), path.read_bytes()
+        if name.lower() in seen:
+            problems.append(f"{name}: differs only in case from {seen[name.lower()]}")
+        seen[name.lower()] = name
+        if len(data) > 1024 * 1024:
+            problems.append(f"{name}: over 1024 KB")
+        if path.stat().st_mode & 0o111 and not data.startswith(b"#!"):
+            problems.append(f"{name}: executable without a shebang")
+        if any(key in data for key in (b"BEGIN RSA PRIVATE KEY", b"BEGIN OPENSSH PRIVATE KEY", b"BEGIN PRIVATE KEY")):
+            problems.append(f"{name}: holds a private key")
+        if b"\0" in data or path.suffix in (".pt", ".ts", ".png", ".zip"):
+            continue  # binary: the text hooks skip it
+        if data and (not data.endswith(b"\n") or data.endswith(b"\n\n")):
+            problems.append(f"{name}: does not end with exactly one newline")
+        markdown = path.suffix == ".md"
+        for number, line in enumerate(data.decode().split("\n"), 1):
+            if line != line.rstrip() and not (markdown and line.endswith("  ") and line.strip()):
+                problems.append(f"{name}:{number}: trailing whitespace")
+        if b"\r" in data:
+            problems.append(f"{name}: carriage returns")
+        if path.suffix == ".py":
+            problems += [f"{name}: {problem}" for problem in docstring_not_first(data)]
+        if path.suffix in (".yaml", ".yml"):
+            yaml.safe_load(data)  # check-yaml: raises on invalid YAML
+        if path.suffix == ".json" and data.decode() != json.dumps(json.loads(data), indent=4) + "\n":
+            problems.append(f"{name}: not as pretty-format-json --no-sort-keys --indent=4 writes it")
+    return problems
+
+
+def docstring_not_first(source: bytes) -> list[str]:
+    """check-docstring-first: a string at column 0 after code, or a second one, is a misplaced module docstring."""
+    docstring = code = None
+    for token in tokenize.tokenize(io.BytesIO(source).readline):
+        if token.type == tokenize.STRING and token.start[1] == 0:
+            if docstring is not None or code is not None:
+                return [f"line {token.start[0]}: a module docstring after {'code' if code else 'another'}"]
+            docstring = token.start[0]
+        elif token.type not in (tokenize.COMMENT, tokenize.ENDMARKER, tokenize.NEWLINE, tokenize.NL, tokenize.ENCODING):
+            code = code or token.start[0]
+    return []
+
+
+def test_the_zoo_pre_commit_hooks_pass_on_what_is_submitted(release, tmp_path):
+    """The submission folder and the unit test, as they go into the model-zoo repository."""
+    upload = release["upload"]
+    shutil.copytree(upload / NAME, tmp_path / "models" / NAME)
+    shutil.copytree(upload / "ci", tmp_path / "ci")
+    assert (tmp_path / f"ci/unit_tests/test_{NAME}.py").is_file()
+    assert pre_commit_problems(tmp_path) == []
+
+
+def test_pre_commit_equivalents_find_what_the_hooks_refuse(tmp_path):
+    (tmp_path / "a.py").write_text('import os\n"""late docstring"""\n')
+    (tmp_path / "b.json").write_text('{"a": [1, 2]}\n')
+    (tmp_path / "c.yaml").write_text("a: 1\n\n")
+    (tmp_path / "d.md").write_text("two spaces keep a line break  \nno newline at the end")
+    problems = pre_commit_problems(tmp_path)
+    assert [p.split(":")[0] for p in problems] == ["a.py", "b.json", "c.yaml", "d.md"], problems
+
+
+def zoo_unit_test_folder(release, root: Path) -> list[str]:
+    """A model-zoo checkout holding only this release (`models/<name>/` from the zip, weights included) and its unit
+    test, with the Zoo's `ci/unit_tests/` runner and utils from $MODEL_ZOO_DIR, else a stand-in for `check_workflow`;
+    returns the command that runs the test from `root`."""
+    with zipfile.ZipFile(release["upload"] / f"{NAME}_v{VERSION}.zip") as archive:
+        archive.extractall(root / "models")
+    tests = root / "ci/unit_tests"
+    shutil.copytree(release["upload"] / "ci/unit_tests", tests)
+    if (MODEL_ZOO / "ci/unit_tests/runner.py").is_file():
+        for name in ("runner.py", "utils.py"):
+            shutil.copy(MODEL_ZOO / "ci/unit_tests" / name, tests / name)
+        return [sys.executable, "ci/unit_tests/runner.py", "-b", NAME]
+    (tests / "utils.py").write_text(
+        textwrap.dedent(
+            """
+            def check_workflow(workflow, check_properties=False):  # as the Zoo's ci/unit_tests/utils.py
+                workflow.initialize()
+                if check_properties:
+                    assert not workflow.check_properties(), workflow.check_properties()
+                workflow.run()
+                workflow.finalize()
+            """
+        )
+    )
+    return [sys.executable, "-m", "unittest", "-v", f"test_{NAME}"]
+
+
+@pytest.mark.slow
+def test_the_released_unit_test_passes_as_the_zoo_runs_it(release, tmp_path):
+    """From the model-zoo root, with that root on PYTHONPATH (as the Zoo's CI sets it) and the test's own folder: a
+    process of its own running every workflow (the slow tier)."""
+    cmd = zoo_unit_test_folder(release, tmp_path)
+    path = os.pathsep.join([str(tmp_path), str(tmp_path / "ci/unit_tests")])
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+    result = run_command(cmd, timeout=WORKFLOW_LIMIT, cwd=tmp_path, env=env, what="the Zoo's unit test of the release")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-4000:]
+    assert "Ran 2 tests" in result.stderr and re.search(r"^OK$", result.stderr, re.M), result.stderr[-2000:]
+
+
+def test_the_release_examples_name_the_current_version():
+    """The README's release command and the model card's download example name configs/metadata.json's version."""
+    version = json.loads((ROOT / "configs/metadata.json").read_text())["version"]
+    readme = (ROOT / "README.md").read_text()
+    assert re.findall(r"python -m scripts\.tools\.release --version (\S+)", readme) == [version]
+    assert set(re.findall(rf"{NAME}_v(\d+\.\d+\.\d+)\.zip", readme + (ROOT / "docs/README.md").read_text())) == {
+        version
+    }
+
+
+def test_the_model_card_points_only_to_what_the_release_holds():
+    """docs/README.md ships alone: every bundle file it names is in the release (no research tools, tests, top-level
+    README), and every `scripts.<module>` it names is one the release ships."""
+    card = (ROOT / "docs/README.md").read_text()
+    for path in re.findall(r"\b((?:configs|docs|scripts|tests|models)/[\w/.-]*\w)", card):
+        assert not path.startswith(("scripts/tools", "tests/")), path
+        if not path.startswith("models/"):  # weights and their sidecars: written by the release and the workflows
+            assert (ROOT / path).exists(), path
+    for module in re.findall(r"\bscripts((?:\.\w+)+)", card):
+        assert not module.startswith(".tools"), module
+    assert not re.search(r"(?<![\w/])README\.md", card.replace("docs/README.md", "")), "the top-level README.md"

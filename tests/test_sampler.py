@@ -64,7 +64,7 @@ def test_views_are_translated_patches_of_the_volume():
 
 def network_batch(out: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """One volume's pairs as a training step sees them: inputs (2P, 1, *PATCH), valid (P, K), the network's kwargs."""
-    from scripts.engine.training import SSLBatch
+    from scripts.ssl.batch import SSLBatch
 
     inputs, targets, _, kwargs = SSLBatch()({k: v[None] for k, v in out.items()}, torch.device("cpu"))
     return inputs, targets["valid"], kwargs

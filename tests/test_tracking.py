@@ -42,3 +42,10 @@ def test_every_key_and_the_config_are_logged_and_a_killed_run_continues_with_oth
     assert run.data.params["epochs"] == "2" and run.data.params["patch_size"] == "[16, 16, 8]"
     assert run.data.params["train"] == '{"a": 1}'
     assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"config_2.json", "config_3.json"}
+
+
+def test_add_artifacts_extends_only_the_mlflow_handlers(tmp_path):
+    handler = MLFlowHandler(tracking_uri=f"sqlite:///{tmp_path / 'mlruns.db'}", artifacts=["config.json"])
+    other = object()
+    tracking.add_artifacts([handler, other], tmp_path / "evaluation")
+    assert tuple(handler.artifacts) == ("config.json", str(tmp_path / "evaluation"))

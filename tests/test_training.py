@@ -1,9 +1,14 @@
+import math
+
+import numpy as np
 import pytest
 import torch
 from bundle import ROOT
 from ignite.engine import Engine, Events
 from monai.engines import SupervisedTrainer
-from scripts.engine.training import ExportBackbone, GradientClipping, NonFiniteLossGuard, SSLBatch, latest_checkpoint
+from scripts.engine.handlers import ExportBackbone, GradientClipping, NonFiniteLossGuard, loss_only
+from scripts.engine.runs import checkpoints
+from scripts.ssl.batch import SSLBatch
 from scripts.ssl.losses import HybridLoss
 from torch import nn
 
@@ -32,7 +37,7 @@ def test_ssl_batch_stacks_views_and_augments_only_the_inputs():
 
 @pytest.mark.parametrize("augmentations", ["local", "vox2vec"])
 def test_ssl_batch_augments_by_sample_index_without_global_rng(augmentations):
-    from scripts.engine.training import build_augmentation
+    from scripts.ssl.batch import build_augmentation
 
     prepare = SSLBatch(build_augmentation(augmentations, "mri"), seed=3)
     data = sampler_batch(patch=(8, 8, 4))
@@ -96,11 +101,11 @@ def test_non_finite_loss_stops_before_a_checkpoint_and_names_the_last_one(tmp_pa
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint_iteration=7.pt"], "no checkpoint after a NaN step"
 
 
-def test_latest_checkpoint_picks_the_highest_iteration(tmp_path):
-    assert latest_checkpoint(str(tmp_path)) is None
+def test_checkpoints_are_newest_first(tmp_path):
+    assert checkpoints(tmp_path) == []
     for name in ["checkpoint_iteration=90.pt", "checkpoint_iteration=100.pt", "other=500.pt"]:
         (tmp_path / name).write_bytes(b"")
-    assert latest_checkpoint(str(tmp_path)).endswith("checkpoint_iteration=100.pt")
+    assert [p.name for p in checkpoints(tmp_path)] == ["checkpoint_iteration=100.pt", "checkpoint_iteration=90.pt"]
 
 
 def test_export_backbone_writes_a_plain_state_dict_on_completion_only(tmp_path):
@@ -123,7 +128,7 @@ def test_export_backbone_writes_a_plain_state_dict_on_completion_only(tmp_path):
 
 
 def test_per_class_dice_equals_the_hand_computation():
-    from scripts.engine.training import per_class_dice
+    from scripts.engine.validation import per_class_dice
 
     label = torch.zeros(2, 4, 4, 1)
     label[0, :2] = 1  # class 1: 8 voxels
@@ -244,3 +249,42 @@ def test_deterministic_true_trains_every_method_with_deterministic_algorithms_on
     assert modes == [(True, False)]
     assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"  # cuBLAS's deterministic workspace, for CUDA
+
+
+def test_a_tiny_pretraining_brings_infonce_below_chance():
+    """60 Adam steps of the real step (sampler, SSLBatch, pretraining network, InfoNCE) on a textured volume, fresh
+    pairs every step: the InfoNCE falls clearly, and below log(2M - 1), the loss of embeddings that tell nothing apart.
+    (Telling the 4 pairs apart is enough for that; that voxels1 and voxels2 meet the same voxel is test_sampler's.)"""
+    from scripts.networks.fpn3d import dhr_network
+    from scripts.ssl.sampler import VoxelPairSamplerd
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    shape = (32, 32, 16)
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij"))
+    body = (grid**2).sum(0) < 0.8
+    volume = {"image": np.where(body, rng.random(shape), 0).astype(np.float32)[None], "body": body[None]}
+    sampler = VoxelPairSamplerd((16, 16, 8), num_pairs=4, voxels_per_pair=16)
+    batches = [{k: v[None] for k, v in sampler(volume, rng=rng).items()} for _ in range(60)]
+    network = dhr_network(4, 3, projection_width=16, embedding_dim=16, restoration=False)
+    loss = HybridLoss(restoration_weight=0)
+    trainer = SupervisedTrainer(
+        device=torch.device("cpu"),
+        max_epochs=1,
+        train_data_loader=batches,
+        network=network,
+        optimizer=torch.optim.Adam(network.parameters(), lr=0.003),
+        loss_function=loss,
+        prepare_batch=SSLBatch(),  # no augmentation: the views differ by their boxes alone
+        decollate=False,
+    )
+    infonce = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda _: infonce.append(float(loss.terms["infonce"])))
+    trainer.run()
+    chance = sum(math.log(2 * int(b["valid"].sum()) - 1) for b in batches[-5:]) / 5
+    first, last = sum(infonce[:5]) / 5, sum(infonce[-5:]) / 5
+    assert last < first - 0.5 and last < chance - 0.25, (first, last, chance)
+
+
+def test_loss_only_reads_a_decollated_or_a_plain_output():
+    assert loss_only([{"loss": torch.tensor(1.5)}]) == loss_only({"loss": torch.tensor(1.5)}) == {"loss": 1.5}

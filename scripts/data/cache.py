@@ -1,10 +1,7 @@
-"""The preprocessed-volume cache of pretraining: each volume preprocessed once, stored as memory-mappable arrays.
+"""The preprocessed-volume cache of pretraining: each volume preprocessed once into memory-mappable arrays.
 
-A pretraining step cuts a few patches from one volume. Loading the whole preprocessed volume for that (88 MB for a
-320 x 240 x 200 float32 volume) would make a step cost more the larger the volume. So :func:`prepare_volumes`
-preprocesses each volume once (`scripts.data.preprocessing.preprocessing`) into plain ``.npy`` arrays, and a batch
-memory-maps them
-(:func:`open_volume`) and reads only the boxes it cuts. Layout::
+:func:`prepare_volumes` preprocesses every volume of a datalist once (`scripts.data.preprocessing.preprocessing`);
+:func:`open_volume` memory-maps an entry as (1, X, Y, Z) views, so that a batch reads only the boxes it cuts. Layout::
 
     <cache_dir>/<dataset>-<modality>-<hash>/     one folder per dataset source and transform, shared by runs
         <file name>-<hash>/                      one entry per volume
@@ -12,21 +9,12 @@ memory-maps them
             body.npy     uint8 (Z, X, Y): body mask (1 = body)
             meta.json    shape (X, Y, Z), affine, source file with its size and modification time, ...
 
-- The folder's hash covers the dataset's folder, the preset (spacing, intensity scaling), the patch size (small
-  volumes are padded to it) and `CACHE_VERSION`. The entry's hash covers the source file's absolute path, size and
-  modification time: a replaced scan is preprocessed again and its old entry removed, never silently reused.
-- Z first: a patch is shortest along Z (32 of 128 x 128 x 32), so a box reads runs of whole X rows of the Y axis; in
-  4 KiB pages that is about 2x the box's own bytes for a 320 x 240 x 200 volume, against 6x in X, Y, Z order.
-  :func:`open_volume` returns (1, X, Y, Z) views, so readers index X, Y, Z as everywhere else.
-- float16 keeps [0, 1] intensities to 2^-11 (0.2 HU with the "ct" preset), half the bytes of float32.
-- Writes are atomic: an entry is written under a temporary name in its folder and renamed when complete, so a killed
-  run never leaves a half entry (the next preparation removes its temporary folder).
-- A volume that is unusable for pretraining (no body voxels, constant intensity) gets an entry with only
-  ``meta.json`` and the reason, so later runs skip it without preprocessing it again.
-- Clearing: delete ``cache_dir`` or any folder in it; what is missing is rebuilt by the next run.
-
-Under ``torchrun`` rank 0 calls :func:`prepare_volumes` first while the others wait; their own call then only reads
-the entries. Warnings come from rank 0 alone.
+The folder's hash covers the dataset's folder, the preset, the patch size (small volumes are padded to it) and
+`CACHE_VERSION`; the entry's hash covers the source file's absolute path, size and modification time, so a replaced scan
+is preprocessed again and its old entry removed. An entry is written under a temporary name and renamed when complete.
+A volume unusable for pretraining (no body voxels, constant intensity) gets an entry with only ``meta.json`` and the
+reason, and later runs skip it. Deleting ``cache_dir`` or any folder in it clears it; the next run rebuilds what is
+missing. Under ``torchrun`` rank 0 prepares while the others wait, then read; warnings come from rank 0 alone.
 """
 
 from __future__ import annotations
@@ -52,8 +40,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["CACHE_VERSION", "cache_folder", "entry_name", "open_volume", "prepare_volumes", "write_entry"]
 
+# Part of every folder's hash: raise it when preprocessing changes what is stored, so old entries are not used.
 CACHE_VERSION = 1
-"""Part of every folder's hash: raise it when preprocessing changes what is stored, so old entries are not used."""
 
 _TEMPORARY = re.compile(r"\.tmp-(\d+)-.*")
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.transforms.utils import create_rotate, create_scale, create_translate
-from scripts.utils import log
+from scripts.utils import errors, log
 
 logger = logging.getLogger(__name__)
 
@@ -197,6 +197,7 @@ def main() -> None:
     parser.add_argument("--spacing", type=float, default=2.0, help="voxel size in mm")
     parser.add_argument("--seed", type=int, default=0, help="subject i is drawn from seed + i")
     args = parser.parse_args()
+    errors.install()
     log.configure()
     print(prepare_demo(args.root, args.num_subjects, args.spacing, args.seed))
 

@@ -61,8 +61,8 @@ PRESETS: dict[str, dict] = {
 
 _NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
+# Resampling that enlarges a volume more than this many times along an axis is warned about (e.g. 100 mm slices).
 MAX_GROWTH = 8.0
-"""Resampling that enlarges a volume more than this many times along an axis is warned about (e.g. 100 mm slices)."""
 
 
 class VolumeWarning(UserWarning):

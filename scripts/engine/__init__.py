@@ -1,4 +1,5 @@
-"""Engine glue for MONAI's Ignite engines: training handlers, runs and checkpoints, evaluation, weight files."""
+"""Engine glue for MONAI's Ignite engines: handlers, validation, runs and checkpoints, evaluation, weight files and
+the workflows' messages."""
 
 from scripts import lazy_submodules
 

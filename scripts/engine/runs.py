@@ -1,20 +1,17 @@
-"""One pretraining run per output folder: key checks, run identity, a lock, atomic full-state checkpoints and resume.
+"""Key checks before any work, and one pretraining run per output folder: identity, lock, atomic full-state
+checkpoints and resume.
 
-A run is defined by its identity: the config keys that change what a step computes (method, data, network, loss,
-augmentations, optimiser, seed, ``epoch_length``, ``amp``, ``gather_negatives``, the number of processes and the device
-type; not ``epochs``, ``num_workers`` or paths of outputs). The identity is written to ``<output_dir>/run.json`` and
-into every checkpoint, and a run resumes only checkpoints of an equal identity, so a changed key never continues, or
-crashes inside, another run's state. Layout of ``<output_dir>``::
+A run is defined by its identity, the config keys that change what a step computes (``run_identity`` in
+``configs/pretrain.yaml``). It is written to ``<output_dir>/run.json`` and into every checkpoint, and a run resumes only
+checkpoints of an equal identity. Layout of ``<output_dir>``::
 
     run.json                            the identity of the run whose checkpoints are in checkpoints/
     run.lock                            held (flock) by the process running in this folder; its PID inside
     checkpoints/checkpoint_iteration=N.pt  full state, the newest two kept
     checkpoints_old/                    the previous run's checkpoints and run.json, set aside by --resume False
 
-MONAI's ``CheckpointSaver`` (ignite's ``Checkpoint``) deletes the older file before it writes the new one, and writes in
-place, so a crash or a full disk during a save loses every checkpoint: :class:`CheckpointSaver` writes to a temporary
-name, renames, and deletes older files only then. Checkpoints also hold the global random states (torch, numpy, python)
-and the identity, which MONAI's handlers cannot add.
+A checkpoint holds the state dicts, the global random states and the identity; it is written under a temporary name,
+flushed and renamed, and only then are older ones deleted.
 """
 
 from __future__ import annotations
@@ -75,15 +72,14 @@ def check_keys(keys: Mapping[str, Any]) -> None:
     """Checks the keys present in ``keys`` before any work, naming key, value and remedy (every workflow).
 
     Checked: ``patch_size`` (3 positive integers), the counts in ``_POSITIVE`` (integers >= 1), ``modality`` (a preset
-    of ``scripts.data.preprocessing.PRESETS``), ``augmentations`` (what ``build_augmentation`` accepts with this
-    modality) and
-    ``output_dir`` (a folder that can be created and written).
+    of ``scripts.data.preprocessing.PRESETS``), ``augmentations`` (what ``scripts.ssl.batch.build_augmentation``
+    accepts with this modality) and ``output_dir`` (a folder that can be created and written).
 
     Raises:
         BundleError: at the first bad key.
     """
     from scripts.data import preprocessing  # here, not at import: both import MONAI's transforms
-    from scripts.engine import training
+    from scripts.ssl import batch
 
     if "patch_size" in keys:
         size = keys["patch_size"]
@@ -100,7 +96,7 @@ def check_keys(keys: Mapping[str, Any]) -> None:
         raise BundleError(f"modality={keys['modality']!r} is not a preset: use --modality one of {presets}.")
     if "augmentations" in keys:
         try:
-            training.build_augmentation(keys["augmentations"], keys.get("modality"), announce=False)
+            batch.build_augmentation(keys["augmentations"], keys.get("modality"), announce=False)
         except ValueError as err:
             raise BundleError(str(err)) from err
     if "output_dir" in keys:

@@ -430,7 +430,7 @@ def dhr_network(
     else:
         state = "frozen random" if freeze_projections else "trained"
         vectors = f"{state} projections {levels} x {projection_width}"
-    # print, not logging: the engine loggers are silent in bundle runs, and what an ablation built must be visible.
+    # at INFO, which configs/logging.conf prints: what an ablation built must be visible in the run's output
     logger.info(
         f"pretraining network: FPN3d(1, {base_channels}, {num_scales}), {vectors} -> head {hidden}-{hidden}-"
         f"{embedding_dim}, {'with' if restoration else 'no'} restoration head"

@@ -1,7 +1,9 @@
-"""Downstream segmentation network of DHR (Kats et al., ISBI 2024): a pretrained `FPN3d` backbone plus an FPN head.
+"""Downstream segmentation network of DHR (Kats et al., ISBI 2024): a pretrained `FPN3d` backbone plus an FPN head,
+the warm-up handler and the loss.
 
 Linear evaluation trains a head on a frozen backbone; fine-tuning freezes the backbone for a warm-up of some epochs
-(`BackboneWarmup`), then trains everything. Outputs are per-class logits (sigmoid downstream, not softmax).
+(`BackboneWarmup`), then trains everything. Outputs are per-class logits, trained with `DiceBCELoss` (sigmoid per
+class, not softmax).
 """
 
 import logging
@@ -11,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from ignite.engine import Engine, Events
+from monai.losses import DiceLoss
 from scripts.import_weights import load_backbone
 from scripts.networks.fpn3d import FPN3d, ResBlock3d
 from scripts.utils.distributed import unwrap
@@ -27,6 +30,7 @@ __all__ = [
     "BackboneWarmup",
     "check_linear_evaluation",
     "probabilities_to_labels",
+    "DiceBCELoss",
 ]
 
 
@@ -198,7 +202,7 @@ def segmentation_network(
     backbone = FPN3d(1, base_channels, num_scales, activation_checkpointing=activation_checkpointing)
     if pretrained_ckpt is not None:
         load_backbone(pretrained_ckpt, backbone)
-        # print, not logging: the engine loggers are silent in bundle runs, and this choice must be visible. (Without a
+        # at INFO, which configs/logging.conf prints: the initialisation must be visible in the run's output. (Without a
         # checkpoint, the workflow says what it starts from: random weights to train, or a trained model_file.)
         logger.info(
             f"segmentation network: FPN3d(1, {base_channels}, {num_scales}) backbone loaded from {pretrained_ckpt}"
@@ -290,3 +294,34 @@ def probabilities_to_labels(probabilities: Tensor, threshold: float = 0.5) -> Te
     # a constant background channel at the threshold in front: argmax then picks it exactly when no class exceeds it
     background = torch.full_like(probabilities[:1], threshold)
     return torch.cat([background, probabilities]).argmax(0, keepdim=True).to(probabilities.dtype)
+
+
+class DiceBCELoss(nn.Module):
+    """
+    Per-class sigmoid segmentation loss of the DHR downstream protocol: soft Dice + binary cross-entropy.
+
+    MONAI's ``DiceCELoss`` applies softmax cross-entropy whenever there is more than one channel, so the per-class BCE
+    is composed here from ``DiceLoss(sigmoid=True)`` and ``BCEWithLogitsLoss``.
+
+    Args:
+        dice_weight: weight of the Dice term.
+        bce_weight: weight of the BCE term.
+    """
+
+    def __init__(self, dice_weight: float = 1.0, bce_weight: float = 1.0) -> None:
+        super().__init__()
+        self.dice_weight, self.bce_weight = dice_weight, bce_weight
+        self.dice = DiceLoss(sigmoid=True)
+        self.bce = nn.BCEWithLogitsLoss()
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            logits: (B, C, X, Y, Z), one channel per foreground class.
+            target: (B, C, X, Y, Z) in {0, 1}, the same classes.
+
+        Returns:
+            Scalar loss.
+        """
+        target = target.to(logits.dtype)
+        return self.dice_weight * self.dice(logits, target) + self.bce_weight * self.bce(logits, target)

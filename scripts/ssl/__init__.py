@@ -1,4 +1,4 @@
-"""Self-supervised pretraining: the voxel-pair sampler, losses, augmentations and PCRL."""
+"""Self-supervised pretraining: the voxel-pair sampler, losses, augmentations, batch preparation and PCRL."""
 
 from scripts import lazy_submodules
 

@@ -1,6 +1,5 @@
 # Not MONAI's RandCoarseShuffle/RandHistogramShift/RandCoarseDropout: they loop per sample on CPU, differ in details.
-"""
-DHR's per-view local augmentations (local pixel shuffling, Bezier intensity remap, in-painting), batched over
+"""DHR's per-view local augmentations (local pixel shuffling, Bezier intensity remap, in-painting), batched over
 patches on the batch's device.
 """
 

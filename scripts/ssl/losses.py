@@ -5,11 +5,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from ignite.metrics import Average, Metric
-from monai.losses import DiceLoss
 from scripts.utils.distributed import all_gather, all_gather_with_grad, rank, world_size
 from torch import nn
 
-__all__ = ["info_nce", "HybridLoss", "loss_term_metrics", "loss_and_terms", "DiceBCELoss"]
+__all__ = ["info_nce", "HybridLoss", "loss_term_metrics", "loss_and_terms"]
 
 
 def info_nce(
@@ -146,34 +145,3 @@ def loss_and_terms(loss: HybridLoss):
         return {"loss": first["loss"].item(), **{k: v.item() for k, v in loss.terms.items()}}
 
     return transform
-
-
-class DiceBCELoss(nn.Module):
-    """
-    Per-class sigmoid segmentation loss of the DHR downstream protocol: soft Dice + binary cross-entropy.
-
-    MONAI's ``DiceCELoss`` applies softmax cross-entropy whenever there is more than one channel, so the per-class BCE
-    is composed here from ``DiceLoss(sigmoid=True)`` and ``BCEWithLogitsLoss``.
-
-    Args:
-        dice_weight: weight of the Dice term.
-        bce_weight: weight of the BCE term.
-    """
-
-    def __init__(self, dice_weight: float = 1.0, bce_weight: float = 1.0) -> None:
-        super().__init__()
-        self.dice_weight, self.bce_weight = dice_weight, bce_weight
-        self.dice = DiceLoss(sigmoid=True)
-        self.bce = nn.BCEWithLogitsLoss()
-
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """
-        Args:
-            logits: (B, C, X, Y, Z), one channel per foreground class.
-            target: (B, C, X, Y, Z) in {0, 1}, the same classes.
-
-        Returns:
-            Scalar loss.
-        """
-        target = target.to(logits.dtype)
-        return self.dice_weight * self.dice(logits, target) + self.bce_weight * self.bce(logits, target)

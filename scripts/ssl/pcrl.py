@@ -1,39 +1,12 @@
 """PCRL, preservational contrastive representation learning (Zhou et al., ICCV 2021), on the bundle's FPN3d backbone.
 
-Three encoders share one decoder: the student (the trained `FPN3d`'s encoder), a momentum teacher (an EMA copy of the
-student) and a hybrid (a mix of both encoders' features). MoCo-style InfoNCE with a queue of negatives on globally
-pooled bottleneck features, plus reconstruction of the clean crops under a random flip/rotation `T` that the decoder is
-told by transformation-conditioned attention. The voxel-pair sampler's two overlapping patch views are PCRL's two
-crops, so the data pipeline is DHR's (`configs/pretrain_pcrl.yaml` overrides `configs/pretrain.yaml`).
-
-Per step, with P pairs, clean views ``c1, c2``, corrupted views ``x1, x2`` (`LocalAugmentations`), independent random
-transformations ``T1, T2`` per patch and ``alpha ~ Beta(1, 1)`` folded to [0.5, 1]:
-
-- contrastive: query = student embedding of ``x1``, key = teacher embedding of ``x2``; InfoNCE against the key and the
-  queue; the plain keys are enqueued once after the optimiser step.
-- ``student``: decode(student features of ``x1``, gated by ``T1``) -> ``T1(c1)``.
-- ``teacher`` (optional, off by default; not in the authors' code): decode(teacher features of ``x2``, gated by
-  ``T2``) -> ``T2(c2)``; the teacher features carry no gradient, so this term trains the shared decoder, the attention
-  and the restoration head only.
-- ``hybrid``: decode(alpha * gated student features + (1 - alpha) * gated teacher features, every level)
-  -> ``alpha * T1(c1) + (1 - alpha) * T2(c2)``. Each bottleneck is gated by its own transformation before the mix, as
-  in the authors' code, so the target is the matching mix of the two branches' targets.
-- input mixup (optional): a random partner ``j = perm(i)`` and ``lam ~ Beta(1, 1)`` folded to [0.5, 1] (the authors'
-  code folds it too), shared by both views: ``m1 = lam * x1 + (1 - lam) * x1[perm]``, likewise ``m2`` from ``x2``, and
-  the mixed clean views ``mc1, mc2`` alike. Terms: ``student_mixup``: student(m1) gated by ``T1`` -> ``T1(mc1)``;
-  ``hybrid_mixup``: the hybrid of student(m1) and teacher(m2) with a fresh ``alpha2`` ->
-  ``alpha2 * T1(mc1) + (1 - alpha2) * T2(mc2)``; ``infonce_mixup``: query = student embedding of ``m1``, key = teacher
-  embedding of ``m2`` (same partners and ``lam``, so a true positive), negatives from the same queue; these keys are
-  not enqueued. The authors' code gates nothing in the mixup pass, reconstructs untransformed crops there, and adds a
-  third contrastive term against feature-mixed keys; here the mixup pass uses the same ``T1, T2`` as the plain pass.
-
-Loss = mean of the InfoNCE terms + mean of the reconstruction MSEs: by default the authors' four reconstruction terms
-(``student``, ``hybrid``, ``student_mixup``, ``hybrid_mixup``). Batches: PCRL's negatives are other images, so
-``configs/pretrain_pcrl.yaml`` draws 16 volumes with one voxel pair each per step (the authors' batch of 16), not DHR's
-10 pairs of one volume. Deviations from the authors' code, on purpose:
-targets are the clean crops after ``T`` (theirs: the corrupted input), one enqueue of plain keys per step (theirs:
-three, with mixed keys), InfoNCE (theirs: an NCE variant with wrong constants), a linear restoration head as in DHR
-(theirs: sigmoid), no out-painting (the bundle's local augmentations have none).
+`PCRLBatch` prepares a step from the voxel-pair sampler's pairs (the two views are PCRL's two crops): corrupted views,
+random flip/rotation transformations, mixing weights, mixup partners and the reconstruction targets. `PCRLNetwork` holds
+the student (the trained `FPN3d`), its momentum teacher, the shared decoder with transformation-conditioned attention
+and the queue of negatives; `PCRLLoss` is the mean of the InfoNCE terms plus the mean of the reconstruction MSEs;
+`PCRLTrainer` moves the teacher and fills the queue after each optimiser step. `configs/pretrain_pcrl.yaml` wires them
+over `configs/pretrain.yaml`. The terms of a step and the deviations from the authors' code: docs/README.md, "Other
+methods".
 """
 
 from __future__ import annotations
@@ -44,8 +17,8 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from monai.engines import SupervisedTrainer
-from scripts.engine.training import batch_generator
 from scripts.networks.fpn3d import FPN3d
+from scripts.ssl.batch import batch_generator
 from scripts.utils.distributed import all_gather, average_, unwrap
 from torch import Tensor, nn
 
@@ -139,10 +112,9 @@ class PCRLBatch:
     network's forward is a deterministic function of its arguments).
 
     A batch from :class:`scripts.ssl.sampler.VoxelPairSamplerd` holds V volumes x N pairs; the P = V * N pairs give
-    clean
-    views ``c1, c2`` (P, 1, X, Y, Z) each. See the module docstring for the terms.
+    clean views ``c1, c2`` (P, 1, X, Y, Z) each. The terms they serve: docs/README.md, "Other methods".
 
-    Randomness as in `scripts.engine.training.SSLBatch`: every draw (corruption, transformations, mixing weights, mixup
+    Randomness as in `scripts.ssl.batch.SSLBatch`: every draw (corruption, transformations, mixing weights, mixup
     partners) comes from ``torch_generator(seed, rank, s)`` on the device, s = the batch's first ``sample_index``, and
     the mixing weights from ``torch_generator(seed, rank, s, 1)`` on the CPU; a batch without ``sample_index`` uses
     torch's default generators.

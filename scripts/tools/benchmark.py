@@ -40,13 +40,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from scripts.data.cache import write_entry
-from scripts.engine.training import SSLBatch
 from scripts.networks.fpn3d import dhr_network
 from scripts.networks.segmentation import segmentation_network
+from scripts.ssl.batch import SSLBatch
 from scripts.ssl.local_augmentations import LocalAugmentations
 from scripts.ssl.losses import HybridLoss
 from scripts.ssl.sampler import VoxelPairDataset, VoxelPairSamplerd
-from scripts.utils import log
+from scripts.utils import errors, log
 
 logger = logging.getLogger(__name__)
 
@@ -240,6 +240,7 @@ def main() -> None:
     parser.add_argument("--cache_dir", default=None, help="where the benchmark's cache entry goes (a disk, not tmpfs)")
     parser.add_argument("--memory", action="store_true", help="print memory estimates instead (nothing is run)")
     args = parser.parse_args()
+    errors.install()
     log.configure()
     if args.memory:
         print(f"{args.pairs} pairs of {tuple(args.patch)} patches, {args.voxels} voxels/pair; estimates in GiB")

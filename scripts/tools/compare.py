@@ -35,7 +35,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from scripts.tools import study
-from scripts.utils import log
+from scripts.utils import errors, log
 from scripts.utils.cli import given_keys, given_value, none_overrides, without
 
 logger = logging.getLogger(__name__)
@@ -141,6 +141,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--study_args", default="", help=f"arguments of every study run, {quoted}")
     args = parser.parse_args(argv)
+    errors.install()
     log.configure()
     try:
         pretrain_args, study_args = shlex.split(args.pretrain_args), shlex.split(args.study_args)

@@ -1,23 +1,25 @@
-"""Packages the bundle for the MONAI Model Zoo: the submission folder, the release zip and the weight files to upload.
+"""Packages the bundle for the MONAI Model Zoo: submission folder, release zip, weight files to upload and unit test.
 
-    python -m scripts.tools.release --version 0.3.0 --base_url https://host/path --model runs/train/model.pt \\
+    python -m scripts.tools.release --version 0.3.1 --base_url https://host/path --model runs/train/model.pt \\
         --backbone runs/pretrain/pretrained_backbone.pt
 
 writes into ``--output_dir`` (default ``release/``):
 
 - ``<name>/``: the submission folder, laid out as the Zoo's ``models/<name>/``: ``configs/``, ``docs/``,
-  ``scripts/``, ``LICENSE``, ``models/`` with the weights' JSON descriptions, and ``large_files.yml`` (path, url,
-  sha256 of every weight file; the Zoo keeps files over 25 MB out of its repository, and a default-shaped weight file
-  is about 190 MB). No tests, CI, requirements or tool settings.
+  ``scripts/`` (without ``scripts/tools/``), ``LICENSE``, ``models/`` with the weights' JSON descriptions, and
+  ``large_files.yml`` (path, url, sha256 of every weight file). No tests, CI, requirements or tool settings.
 - ``<name>_v<version>.zip``: what the Zoo publishes and ``monai.bundle.download`` fetches: the same folder with the
-  weights inside ``models/`` and no ``large_files.yml`` (the Zoo's CI downloads the large files into the copy it
-  zips), written deterministically (sorted entries, fixed times) as the Zoo's ``zip -D -X`` does.
+  weights inside ``models/`` and no ``large_files.yml``, written deterministically (sorted entries, fixed times).
 - ``<name>_v<version>_<file>.pt``: each weight file under the name ``large_files.yml`` gives it below ``--base_url``.
+- ``ci/unit_tests/test_<name>.py``: the bundle's unit test for the Zoo's ``ci/unit_tests/`` (from
+  ``tests/zoo/test_dhr_ct_mri_pretraining.py``): every workflow on tiny synthetic volumes.
 
-Upload the zip and the weight files to ``--base_url``. The released copy's configs carry the weights' architecture
+Upload the zip and the weight files to ``--base_url``; submit the folder as the Zoo's ``models/<name>/`` and the unit
+test as its ``ci/unit_tests/test_<name>.py``. The released copy's configs carry the weights' architecture
 (``base_channels``, ``num_scales``, ``num_classes``, ``head``; ``modality`` and ``patch_size`` when the weight file's
 description records them) as literal defaults, and its metadata carries ``--version`` and network formats that fit
-the weights, so the Zoo's checks and ``monai.bundle.load`` work with no overrides.
+the weights, so the Zoo's checks and ``monai.bundle.load`` work with no overrides. The JSON files it writes are as the
+Zoo's pre-commit hooks leave them.
 """
 
 from __future__ import annotations
@@ -36,10 +38,19 @@ import yaml
 from scripts.engine import weights
 from scripts.networks.fpn3d import FPN3d
 from scripts.networks.segmentation import segmentation_network
-from scripts.utils import log
+from scripts.utils import errors, log
 from scripts.utils.errors import BundleError
 
-__all__ = ["DEFAULT_NAME", "describe_weights", "set_yaml_keys", "network_formats", "write_zip", "release", "main"]
+__all__ = [
+    "DEFAULT_NAME",
+    "describe_weights",
+    "set_yaml_keys",
+    "network_formats",
+    "write_zip",
+    "json_text",
+    "release",
+    "main",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +61,7 @@ SHIPPED = ("configs", "docs", "scripts", "LICENSE")  # what a Zoo bundle holds b
 NOT_SHIPPED = ROOT / "scripts" / "tools"  # the research and release tools: run from a clone, not needed by a Zoo user
 MAX_FILE_BYTES = 1024 * 1024  # the Zoo's pre-commit check-added-large-files (--maxkb=1024)
 ZIP_TIME = (2022, 5, 30, 0, 0, 0)  # the time stamp the Zoo's compress_bundle gives every file
+UNIT_TEST = ROOT / "tests" / "zoo" / f"test_{DEFAULT_NAME}.py"  # the Zoo's ci/unit_tests/test_<name>.py
 DEMO_CLASSES = {"0": "CSF", "1": "grey matter", "2": "white matter"}
 
 
@@ -57,8 +69,8 @@ def describe_weights(path: Path, kind: str) -> dict:
     """The architecture of the weight file ``path`` (``kind`` "segmentation" or "backbone"), checked by loading it.
 
     Keys come from the file's description (``scripts.engine.weights.read_info``: the JSON sidecar, else FPN3d tensor
-    shapes);
-    for a segmentation file without a description, ``num_classes`` and ``head`` are read from the head's tensors.
+    shapes); for a segmentation file without a description, ``num_classes`` and ``head`` are read from the head's
+    tensors.
     The network of ``configs/inference.json`` (segmentation) or ``FPN3d`` (backbone) is then built from these keys
     and must load every tensor strictly.
 
@@ -179,6 +191,11 @@ def _copy_bundle(dst: Path) -> None:
             shutil.copy2(source, dst / item)
 
 
+def json_text(value: object) -> str:
+    """``value`` as the Zoo's pre-commit hook pretty-format-json (``--indent=4 --no-sort-keys``) leaves a JSON file."""
+    return json.dumps(value, indent=4) + "\n"
+
+
 def release(
     version: str,
     base_url: str,
@@ -188,7 +205,8 @@ def release(
     output_dir: str | Path = "release",
     changelog: str | None = None,
 ) -> dict[str, Path]:
-    """Writes the submission folder, the release zip and the weight files to upload; returns their paths.
+    """Writes the submission folder, the release zip, the weight files to upload and the Zoo unit test; returns their
+    paths (``folder``, ``zip``, ``unit_test`` and one per weight file).
 
     Raises:
         BundleError: a bad version, name or weight file; a version without a changelog entry; a file over the Zoo's
@@ -218,14 +236,14 @@ def release(
     staging = output_dir / f".{name}.partial"
     shutil.rmtree(staging, ignore_errors=True)
     _copy_bundle(staging)
-    (staging / "configs/metadata.json").write_text(json.dumps(metadata, indent=4) + "\n")
+    (staging / "configs/metadata.json").write_text(json_text(metadata))
 
     # The released configs default to the weights they ship: inference to the model, fine-tuning to the backbone.
     keys = ("base_channels", "num_scales", "num_classes", "head", "modality", "patch_size")
     model_keys = {k: files["model"][k] for k in keys if files["model"].get(k) is not None}
     inference = json.loads((staging / "configs/inference.json").read_text())
     inference.update(model_keys)
-    (staging / "configs/inference.json").write_text(json.dumps(inference, indent=4) + "\n")
+    (staging / "configs/inference.json").write_text(json_text(inference))
     train_info = files.get("pretrained_backbone", files["model"])
     train_keys = {k: train_info[k] for k in keys[:2] + keys[4:] if train_info.get(k) is not None}
     train_keys.update({k: model_keys[k] for k in ("num_classes", "head")})
@@ -239,7 +257,7 @@ def release(
         upload = output_dir / f"{name}_v{version}_{stem}.pt"
         shutil.copyfile(sources[stem], upload)
         uploads[stem] = upload
-        (staging / f"models/{stem}.json").write_text(json.dumps(info, indent=2) + "\n")
+        (staging / f"models/{stem}.json").write_text(json_text(info))
         large_files.append(
             {
                 "path": f"models/{stem}.pt",
@@ -266,7 +284,10 @@ def release(
     folder = output_dir / name
     shutil.rmtree(folder, ignore_errors=True)
     staging.rename(folder)
-    return {"folder": folder, "zip": zip_path, **uploads}
+    unit_test = output_dir / "ci" / "unit_tests" / f"test_{name}.py"
+    unit_test.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(UNIT_TEST, unit_test)
+    return {"folder": folder, "zip": zip_path, "unit_test": unit_test, **uploads}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -281,9 +302,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output_dir", default="release", type=Path)
     parser.add_argument("--changelog", help="changelog entry for --version, if configs/metadata.json has none")
     args = parser.parse_args(argv)
+    errors.install()
     log.configure()
     paths = release(args.version, args.base_url, args.model, args.backbone, args.name, args.output_dir, args.changelog)
     logger.info(f"submission folder (the Zoo's models/{args.name}): {paths.pop('folder')}")
+    logger.info(f"unit test (the Zoo's ci/unit_tests/): {paths.pop('unit_test')}")
     logger.info(f"release zip: {paths['zip']}")
     logger.info(f"upload to {args.base_url}: " + ", ".join(str(p) for p in paths.values()))
 

@@ -2,8 +2,8 @@
 
 Usage (from the bundle root)::
 
-    python -m scripts.tools.study --pretrained runs/pretrain/pretrained_backbone.pt --budgets 1 2 4 --folds 0 1 2 \
-        [--modes linear finetune] [--warmup_epochs N] [--output_dir runs/study] [--tracking mlflow] \
+    python -m scripts.tools.study --pretrained runs/pretrain/pretrained_backbone.pt --budgets 1 2 4 --folds 0 1 2 \\
+        [--modes linear finetune] [--warmup_epochs N] [--output_dir runs/study] [--tracking mlflow] \\
         [-- --epochs 20 --epoch_length 50]
 
 Every cell of {from scratch, each pretrained backbone} x {linear evaluation, fine-tuning} x budgets x folds is one
@@ -43,7 +43,7 @@ from monai.bundle import ConfigParser
 from scripts.data.demo import prepare_demo
 from scripts.data.splits import datalist_digest, labelled_datalist
 from scripts.engine.weights import file_digest, read_info
-from scripts.utils import log
+from scripts.utils import errors, log
 from scripts.utils.cli import given_keys, given_value, none_overrides
 
 logger = logging.getLogger(__name__)
@@ -459,6 +459,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if not Path(path).is_file():
             parser.exit(1, f"error: pretrained backbone {path} does not exist\n")
 
+    errors.install()
     log.configure()
     datalist = datalist_sha256(extra)  # before the first cell: unreadable data stops the study here
     root = Path(args.output_dir)

@@ -1,10 +1,10 @@
-"""What MONAI's bundle command line would silently get wrong, stopped before any work; reading its overrides.
+"""Checks of MONAI's bundle command line, and reading its overrides.
 
-``python -m monai.bundle run`` drops every ``--key None`` override (``monai.bundle.scripts.update_kwargs`` with
-``ignore_none=True``), so the config's own value runs instead, without a word: ``--projection_width None`` used to
-pretrain plain DHR. Keys that switch something off therefore take a string or a number on the command line
-(``--projection_width raw``, ``--restoration_weight 0``), and :func:`refuse_none_overrides`, the first step of every
-workflow's ``initialize``, stops a run that was given ``--key None``.
+``python -m monai.bundle run`` drops every ``--key None`` override (``ignore_none=True`` in
+``monai.bundle.scripts.update_kwargs``) and runs the config's value instead; :func:`refuse_none_overrides`, a step of
+every workflow's ``initialize``, stops such a run. Keys that switch something off therefore take a string or a number
+(``--projection_width raw``, ``--restoration_weight 0``). :func:`given_keys`, :func:`given_value` and :func:`without`
+read and edit a list of overrides.
 """
 
 from __future__ import annotations

@@ -36,9 +36,9 @@ __all__ = [
 
 T = TypeVar("T")
 
+# Seconds a rank that did not fail waits before it exits, so that the failing rank's message is printed before
+# `torchrun` stops the group (it stops every process once one has exited with an error).
 OTHER_RANKS_GRACE_S = 10.0
-"""Seconds a rank that did not fail waits before it exits, so that the failing rank's message is printed before
-``torchrun`` stops the group (it stops every process once one has exited with an error)."""
 
 
 def _initialized() -> bool:

@@ -1,10 +1,9 @@
 """Errors a user can cause, reported as one clear message at the end of the output.
 
-MONAI's bundle runner wraps every exception raised while a config expression is evaluated in
-``RuntimeError: Failed to evaluate ConfigExpression``, so the cause would sit in the middle of a long traceback. A
-:class:`BundleError` states the file or key, what is wrong and what to do; when one ends a run (however deeply it is
-wrapped), :func:`report` prints only its message, as the last line of stderr. ``DHR_TRACEBACK=1`` keeps the full
-traceback as well. Importing :mod:`scripts` installs the hook.
+A :class:`BundleError` states the file or key, what is wrong and what to do. Once :func:`install` has made
+:func:`report` the excepthook, a BundleError that ends the process, however deeply MONAI's config runner wrapped it,
+prints only its message, as the last line of stderr (``DHR_TRACEBACK=1`` keeps the full traceback as well). The entry
+points install it: the first ``initialize`` step of every workflow config and the ``main`` of every command.
 """
 
 from __future__ import annotations

@@ -1,14 +1,10 @@
-"""What ``--tracking mlflow`` records of a bundle run: every top-level config key, the executed config, a clear name.
+"""What ``--tracking mlflow`` records of a bundle run: every top-level config key, the executed config, a clear name
+and any further files.
 
-MONAI's default tracking settings (``monai.bundle.utils.DEFAULT_MLFLOW_SETTINGS``) add an ``MLFlowHandler`` that logs
-two parameters (``max_epochs``, ``epoch_length``) and names the run by the time. Its config artifact is
-``@save_execute_config``, which ``ConfigWorkflow.patch_bundle_tracking`` (``monai/bundle/workflows.py``) builds as the
-text ``<raw output_dir> + '/config_<time>.json'``: a working expression only while ``output_dir`` is one, so with
-``--output_dir /some/path`` the artifact is that literal text and nothing is logged, although the file itself is
-written to the right folder. MONAI adds its ``run_name``, ``tracking_uri`` and ``experiment_name`` keys only where the
-config has none, so the configs set ``run_name`` (:func:`pretrain_run_name`, :func:`downstream_run_name`) and call
-:func:`record_config` on their handler lists before running: it points each MLFlowHandler at the executed config file
-and logs its top-level keys as parameters.
+The configs set ``run_name`` (:func:`pretrain_run_name`, :func:`downstream_run_name`; MONAI keeps a ``run_name`` the
+config has) and call :func:`record_config` on their handler lists before running: each ``MLFlowHandler`` then logs the
+executed config file as an artifact and its top-level keys as parameters. :func:`add_artifacts` adds files or folders
+that it uploads when its engine completes. Without tracking there is no such handler and nothing changes.
 """
 
 from __future__ import annotations
@@ -18,7 +14,14 @@ import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-__all__ = ["executed_config", "config_params", "record_config", "pretrain_run_name", "downstream_run_name"]
+__all__ = [
+    "executed_config",
+    "config_params",
+    "record_config",
+    "add_artifacts",
+    "pretrain_run_name",
+    "downstream_run_name",
+]
 
 # MLflow's longest parameter value (mlflow.utils.validation.MAX_PARAM_VAL_LENGTH); longer ones are cut.
 _MAX_PARAM_LENGTH = 6000
@@ -75,6 +78,16 @@ def record_config(handlers: Iterable, output_dir: str | os.PathLike) -> None:
         handler.experiment_param = {**(handler.experiment_param or {}), **params}
         others = [a for a in handler.artifacts if a and executed_config([a], output_dir) is None]
         handler.artifacts = (*others, str(config_file))
+
+
+def add_artifacts(handlers: Iterable, *paths: str | os.PathLike) -> None:
+    """With ``--tracking mlflow``: makes each ``MLFlowHandler`` among ``handlers`` also upload ``paths`` (files or
+    folders) when its engine completes. Without tracking there is no such handler and nothing changes."""
+    from monai.handlers import MLFlowHandler
+
+    for handler in handlers:
+        if isinstance(handler, MLFlowHandler):
+            handler.artifacts = (*handler.artifacts, *map(str, paths))
 
 
 def _unfinished_run_params(handler) -> dict[str, str]:

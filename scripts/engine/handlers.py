@@ -1,99 +1,41 @@
-"""Pieces of the self-supervised training step that plug into MONAI's ``SupervisedTrainer``: batches and handlers."""
+"""Handlers that MONAI's ``SupervisedTrainer`` lacks: clipping, a NaN guard, progress, backbone export, bf16 without a
+scaler, and MLflow logging at an interval."""
 
 from __future__ import annotations
 
 import logging
 import math
-import os
-import re
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
-import monai
 import torch
 from ignite.engine import Engine, Events
 from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
-from monai.handlers import MeanDice, MLFlowHandler, from_engine
+from monai.handlers import MLFlowHandler
+from scripts.engine.runs import checkpoints
 from scripts.engine.weights import save_weights
-from scripts.ssl.local_augmentations import LocalAugmentations
-from scripts.ssl.vox2vec_augmentations import Vox2VecAugmentations
 from scripts.utils import distributed
-from scripts.utils.distributed import all_gather, any_rank, is_main, rank, stop_other_ranks
+from scripts.utils.distributed import all_gather, any_rank, is_main, stop_other_ranks
 from scripts.utils.errors import BundleError
-from scripts.utils.randomness import torch_generator
 from torch import nn
 from tqdm import tqdm
 
 __all__ = [
-    "build_augmentation",
-    "set_determinism",
     "log_every",
+    "loss_only",
     "BF16WithoutGradScaler",
-    "SSLBatch",
-    "batch_generator",
     "GradientClipping",
     "NonFiniteLossError",
     "NonFiniteLossGuard",
     "ProgressBar",
     "ExportBackbone",
-    "latest_checkpoint",
-    "per_class_dice",
-    "ValidationShare",
 ]
 
 logger = logging.getLogger(__name__)
-
-
-def build_augmentation(
-    name: str, modality: str, announce: bool = True
-) -> LocalAugmentations | Vox2VecAugmentations | None:
-    """The pretraining augmentation named by the config key `augmentations`.
-
-    Args:
-        name: "local" (DHR's local augmentations), "vox2vec" (blur or sharpen, noise, HU window) or "none".
-        modality: the data's preset, which vox2vec's augmentations need ("ct_wide" or "mri").
-        announce: log which augmentations the run uses (not when the keys are only checked).
-    """
-    descriptions = {
-        "local": "local (DHR): pixel shuffling, intensity remap, in-painting",
-        "vox2vec": "vox2vec's: blur or sharpen, noise, intensity window",
-        "none": "none",
-    }
-    if announce and name in descriptions:  # an ablation must be visible in the run's output
-        logger.info(f"augmentations: {descriptions[name]}")
-    if name == "local":
-        return LocalAugmentations()
-    if name == "vox2vec":
-        return Vox2VecAugmentations(modality)
-    if name == "none":
-        return None
-    raise ValueError(f"Unknown augmentations={name!r}: the key `augmentations` must be 'local', 'vox2vec' or 'none'.")
-
-
-def set_determinism(seed: int, deterministic: bool = False) -> None:
-    """Seeds every random generator with ``seed + rank`` (so each ``torchrun`` process draws its own volumes, pairs and
-    augmentations) and chooses between speed and bitwise reproducibility.
-
-    `deterministic` False (the Model Zoo bundles' choice): cuDNN's autotuner picks the fastest algorithms, and
-    PyTorch may use kernels whose result depends on the order of parallel writes (atomic adds on CUDA; on a CPU with
-    several threads, which of several writes to one element stays, as in the local augmentations' overlapping blocks).
-
-    `deterministic` True: ``torch.use_deterministic_algorithms(True)``, so every operation either runs a deterministic
-    implementation or raises, deterministic cuDNN algorithms without the autotuner, and cuBLAS with a fixed workspace
-    (``CUBLAS_WORKSPACE_CONFIG=:4096:8`` unless already set). Given the same hardware, software, thread and process
-    counts, a run then computes the same bits each time, and a resumed run those of an uninterrupted one.
-    """
-    monai.utils.set_determinism(seed=seed + rank())
-    if deterministic:
-        # Read at the first cuBLAS call, which comes later: this runs in `initialize`, before the network is built.
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(deterministic)
-    torch.backends.cudnn.benchmark = not deterministic
-    torch.backends.cudnn.deterministic = deterministic
 
 
 def log_every(handlers: list, interval: int) -> list:
@@ -112,6 +54,11 @@ def _output_loss(output: dict | list[dict]) -> torch.Tensor:
     return (output[0] if isinstance(output, list) else output)["loss"]
 
 
+def loss_only(output: dict | list[dict]) -> dict[str, float]:
+    """``output_transform`` for :class:`ProgressBar`: the loss of a trainer output, as a float (a host-device sync)."""
+    return {"loss": float(_output_loss(output))}
+
+
 class BF16WithoutGradScaler:
     """Handler: trains with bf16 autocast but without a ``GradScaler``. bf16 has float32's range, so loss scaling
     has nothing to do, and the scaler's overflow check reads a flag from the device at every step. MONAI's trainer
@@ -124,66 +71,6 @@ class BF16WithoutGradScaler:
     def __call__(self, engine: SupervisedTrainer) -> None:
         if engine.amp and engine.amp_kwargs.get("dtype") == torch.bfloat16:
             engine.scaler = torch.amp.GradScaler("cuda", enabled=False)
-
-
-class SSLBatch:
-    """
-    ``prepare_batch`` for ``SupervisedTrainer``: moves voxel-pair batches to the device and augments them there.
-
-    A batch from :class:`scripts.ssl.sampler.VoxelPairSamplerd` holds V volumes x N pairs; both views of all P = V * N
-    pairs
-    are stacked into one network input (2P, 1, X, Y, Z), view 1 first, so that one backbone pass serves both. Each view
-    is augmented independently, batched, on the training device; the clean views are kept as restoration targets.
-
-    The augmentation draws from ``torch_generator(seed, rank, s)`` on the device (`scripts.utils.randomness`), s = the
-    batch's
-    first ``sample_index``, so a step's augmentations depend on its samples alone (resumed runs reproduce them). A batch
-    without ``sample_index`` uses torch's default generator.
-
-    Args:
-        augment: batched augmentation ``(B, 1, X, Y, Z), generator=... -> (B, 1, X, Y, Z)``, or None for none.
-        seed: the run's seed.
-
-    Returns (when called): ``inputs`` (2P, 1, X, Y, Z); ``targets`` dict with ``clean`` (2P, 1, X, Y, Z) and ``valid``
-    (P, K); no positional args; kwargs ``voxels`` (2P, K, 3) and ``valid`` (2P, K) for the network (each view's slots
-    are valid where its pair's are).
-    """
-
-    def __init__(self, augment: Callable[..., torch.Tensor] | None = None, seed: int = 0) -> None:
-        self.augment = augment
-        self.seed = seed
-
-    def __call__(
-        self,
-        batchdata: dict[str, torch.Tensor],
-        device: str | torch.device | None = None,
-        non_blocking: bool = False,
-        **kwargs,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], tuple, dict[str, torch.Tensor]]:
-        def flat(key: str) -> torch.Tensor:  # (V, N, ...) -> (V * N, ...)
-            return batchdata[key].flatten(0, 1).to(device=device, non_blocking=non_blocking, **kwargs)
-
-        clean = torch.cat([flat("view1"), flat("view2")])
-        voxels = torch.cat([flat("voxels1"), flat("voxels2")])
-        if self.augment is None:
-            inputs = clean
-        elif "sample_index" in batchdata:
-            inputs = self.augment(clean, generator=batch_generator(batchdata, self.seed, clean.device))
-        else:
-            inputs = self.augment(clean)
-        valid = flat("valid")
-        return inputs, {"clean": clean, "valid": valid}, (), {"voxels": voxels, "valid": torch.cat([valid, valid])}
-
-
-def batch_generator(
-    batchdata: dict[str, torch.Tensor], seed: int, device: torch.device, *stream: int
-) -> torch.Generator:
-    """``torch_generator(seed, rank, s, *stream)`` on ``device``, s = the batch's first ``sample_index``.
-
-    A step's randomness; ``stream`` (e.g. 1) gives a further, independent generator of the same step.
-    """
-    first = int(batchdata["sample_index"].reshape(-1)[0])  # the indices stay on the CPU: no device sync
-    return torch_generator(seed, distributed.rank(), first, *stream, device=device)
 
 
 class GradientClipping:
@@ -278,7 +165,7 @@ class NonFiniteLossGuard:
         detail = ""
         if terms is not None:
             detail = "; " + ", ".join(f"{k}={float(v):.4g}" for k, v in zip(self._terms, terms[bad], strict=True))
-        last = latest_checkpoint(self.checkpoint_dir)
+        last = next(iter(checkpoints(self.checkpoint_dir)), None)
         raise NonFiniteLossError(
             f"Non-finite loss {where}{detail}. Training stopped at iteration {engine.state.iteration}, before any "
             f"checkpoint of the weights after it. The last good checkpoint is intact: {last or 'none written yet'}. "
@@ -362,8 +249,7 @@ class ProgressBar:
 class ExportBackbone:
     """
     Saves the backbone's plain ``state_dict`` and its sidecar (``scripts.engine.weights``) when training completes: the
-    files
-    downstream workflows load.
+    files downstream workflows load.
 
     Only on completion: an interrupted or failed run must not overwrite a good earlier export. Use
     ``python -m scripts.import_weights <full checkpoint> <file>`` to export from an intermediate checkpoint. Only rank 0
@@ -390,74 +276,3 @@ class ExportBackbone:
         architecture = {k: getattr(self.backbone, k, None) for k in ("in_channels", "base_channels", "num_scales")}
         save_weights(self.backbone.state_dict(), self.path, {"kind": "backbone", **architecture, **self.info})
         logger.info(f"Exported the pretrained backbone to {self.path}")
-
-
-def latest_checkpoint(checkpoint_dir: str, pattern: str = r"checkpoint_iteration=(\d+)\.pt") -> str | None:
-    """The full-state checkpoint with the highest iteration in ``checkpoint_dir``, or None if there is none."""
-    found: Sequence[tuple[int, Path]] = [
-        (int(m.group(1)), p) for p in Path(checkpoint_dir).glob("*.pt") if (m := re.fullmatch(pattern, p.name))
-    ]
-    return str(max(found)[1]) if found else None
-
-
-def per_class_dice(num_classes: int) -> dict[str, MeanDice]:
-    """Validation Dice of each foreground class as its own scalar metric ``val_dice_<c>`` (c = 1..num_classes).
-
-    Scalars, rather than one per-class vector, so that stats, TensorBoard and MLflow log every class.
-    """
-
-    def channel(c: int) -> Callable:
-        def select(output: list[dict]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-            preds, labels = from_engine(["pred", "label"])(output)
-            return [p[c : c + 1] for p in preds], [y[c : c + 1] for y in labels]
-
-        return select
-
-    return {
-        f"val_dice_{c + 1}": MeanDice(include_background=True, output_transform=channel(c)) for c in range(num_classes)
-    }
-
-
-class ValidationShare(torch.utils.data.Dataset):
-    """
-    This process's share of the validation cases under ``torchrun``: cases ``rank, rank + W, ...`` of `dataset`, so that
-    each case is validated on exactly one process and counts once in the Dice scores that MONAI's metrics gather over
-    the processes, the mean that picks the best checkpoint included. (A ``DistributedSampler`` pads the shares with
-    repeats to equal lengths, which counted up to W - 1 cases twice.)
-
-    Shares may differ by one case: validation calls no collective per case, only the metrics' gather at its end. A
-    process left without a case (fewer cases than processes) must still take part in that gather: it validates case 0
-    with an empty label, whose Dice is NaN for every class (MONAI's ``DiceMetric`` ignores empty ground truth), and
-    every mean skips NaN.
-
-    Args:
-        dataset: all validation cases, each a dict holding `label_key`.
-        label_key: the key of the label.
-        rank: this process's rank; None: `scripts.utils.distributed.rank()`.
-        world_size: number of processes; None: `scripts.utils.distributed.world_size()`.
-    """
-
-    def __init__(
-        self,
-        dataset: Sequence[Mapping[str, Any]],
-        label_key: str = "label",
-        rank: int | None = None,
-        world_size: int | None = None,
-    ) -> None:
-        self.dataset = dataset
-        self.label_key = label_key
-        rank = distributed.rank() if rank is None else rank
-        world_size = distributed.world_size() if world_size is None else world_size
-        self.indices = list(range(rank, len(dataset), world_size))
-        self.blank = not self.indices
-        if self.blank:
-            self.indices = [0]
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        case = dict(self.dataset[self.indices[index]])
-        if self.blank:
-            case[self.label_key] = torch.zeros_like(case[self.label_key])
-        return case
