@@ -83,6 +83,22 @@ def test_every_workflow_installs_the_hook_first(config):
     assert initialize[0] == INSTALL
 
 
+def test_no_module_installs_the_hook_when_imported():
+    """No statement at a module's top level of `scripts` calls ``install()`` (entry points call it in a function)."""
+    for path in sorted((ROOT / "scripts").rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        calls = [
+            node
+            for statement in tree.body
+            if not isinstance(statement, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)
+            and not (isinstance(statement, ast.If) and "__main__" in ast.unparse(statement.test))
+            for node in ast.walk(statement)
+            if isinstance(node, ast.Call) and ast.unparse(node.func).endswith("install")
+        ]
+        assert not calls, f"{path}: {ast.unparse(calls[0])} at import"
+
+
+@pytest.mark.slow
 def test_importing_scripts_leaves_the_excepthook_alone():
     """In a fresh interpreter: this one has run workflows, which install the hook."""
     code = "import sys, scripts.utils.errors, scripts.engine.handlers; print(sys.excepthook is sys.__excepthook__)"

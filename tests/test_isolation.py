@@ -2,8 +2,8 @@
 
 - A clone whose models/, runs/ and data/ hold what the README's commands leave there (a model with other classes, runs
   of other architectures, a cache and a demo folder) runs a set of representative tests, each kind of default path
-  among them, in a pytest of its own: they pass, and leave those folders as they were. (The suite's own session check
-  in tests/conftest.py reports any file a test writes into the repository.)
+  among them, in a pytest of its own: they pass, and leave those folders as they were (slow tier: a pytest of its own;
+  in every session, fast tier included, tests/conftest.py reports any file a test writes into the repository).
 - Beside a busy loop on every core, the command-line --help tests and a command-line workflow test pass: the limits on
   a command's time catch a hang, not a slow machine.
 """
@@ -105,6 +105,7 @@ def state(repo: Path) -> dict[str, tuple[int, int]]:
     }
 
 
+@pytest.mark.slow
 def test_representative_tests_pass_in_a_used_clone_and_leave_its_outputs_alone(tmp_path):
     repo = tmp_path / "clone"
     clone(repo)
