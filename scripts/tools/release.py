@@ -78,7 +78,20 @@ def describe_weights(path: Path, kind: str) -> dict:
         BundleError: the file is missing or unreadable, or its tensors do not fit the network described.
     """
     if not path.is_file():
-        raise BundleError(f"--{'model' if kind == 'segmentation' else 'backbone'} {path}: no such file.")
+        if kind == "segmentation":
+            made_by = (
+                "a fine-tuning run writes one: python -m monai.bundle run --config_file configs/train.yaml "
+                "--pretrained_ckpt runs/pretrain/pretrained_backbone.pt (then --model runs/train/model.pt)"
+            )
+        else:
+            made_by = (
+                "pretraining writes one: python -m monai.bundle run pretrain --config_file configs/pretrain.yaml "
+                "(then --backbone runs/pretrain/pretrained_backbone.pt)"
+            )
+        raise BundleError(
+            f"--{'model' if kind == 'segmentation' else 'backbone'} {path}: no such file (no weights are in git; "
+            f"{made_by})."
+        )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         info = {**weights.read_info(path), "kind": kind}
@@ -196,6 +209,10 @@ def json_text(value: object) -> str:
     return json.dumps(value, indent=4) + "\n"
 
 
+def _version_key(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in version.split("."))
+
+
 def release(
     version: str,
     base_url: str,
@@ -217,6 +234,11 @@ def release(
     if not re.fullmatch(r"[A-Za-z0-9_]+", name):
         raise BundleError(f"--name {name}: use letters, digits and underscores, e.g. {DEFAULT_NAME}.")
     metadata = json.loads((ROOT / "configs/metadata.json").read_text())
+    if _version_key(version) < _version_key(metadata["version"]):
+        raise BundleError(
+            f"--version {version} is lower than this bundle's version {metadata['version']} (configs/metadata.json): "
+            f"a release never goes back; give --version {metadata['version']} or higher."
+        )
     if changelog:
         metadata["changelog"] = {version: changelog, **{k: v for k, v in metadata["changelog"].items() if k != version}}
     if version not in metadata["changelog"]:
@@ -292,7 +314,9 @@ def release(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        prog="python -m scripts.tools.release",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--version", required=True, help="release version, major.minor.patch")
     parser.add_argument("--base_url", required=True, help="where the zip and the weight files will be downloadable")
