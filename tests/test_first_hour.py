@@ -58,3 +58,12 @@ def test_release_names_the_command_that_makes_a_missing_model(tmp_path):
     current = json.loads((ROOT / "configs/metadata.json").read_text())["version"]
     with pytest.raises(BundleError, match=r"no such file.*configs/train.yaml.*runs/train/model.pt"):
         release.release(current, "https://host", tmp_path / "models/model.pt", output_dir=tmp_path / "release")
+
+
+@pytest.mark.parametrize("config", ["pretrain.yaml", "train.yaml", "inference.json"])
+def test_every_workflow_sizes_its_workers_the_same_way(config):
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(ROOT / "configs" / config)
+    assert parser["num_workers"] == "$scripts.utils.distributed.cpu_workers()"
