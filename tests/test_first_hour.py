@@ -5,6 +5,7 @@ import json
 import re
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -67,3 +68,26 @@ def test_every_workflow_sizes_its_workers_the_same_way(config):
     parser = ConfigParser()
     parser.read_config(ROOT / "configs" / config)
     assert parser["num_workers"] == "$scripts.utils.distributed.cpu_workers()"
+
+
+def imported_modules(*args: str) -> tuple[subprocess.CompletedProcess, set[str]]:
+    """Runs ``python -X importtime *args`` from the bundle root; the modules it imported (importtime's last column)."""
+    cmd = [sys.executable, "-X", "importtime", *args]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    modules = {line.rsplit("|", 1)[1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+    return result, modules
+
+
+@pytest.mark.parametrize("args", [["--help"], ["--backbone", "x.pt"]], ids=["help", "argument error"])
+def test_visualize_answers_before_torch_and_monai_are_imported(args):
+    result, modules = imported_modules("-m", "scripts.visualize", *args)
+    assert ("usage: python -m scripts.visualize" in result.stdout) == (args == ["--help"])
+    assert result.returncode == (0 if args == ["--help"] else 2)
+    assert "torch" not in modules and "monai" not in modules and "numpy" not in modules
+
+
+def test_the_light_preset_names_are_the_presets():
+    from scripts.data.preprocessing import PRESETS
+    from scripts.utils.cli import PRESET_NAMES
+
+    assert sorted(PRESET_NAMES) == sorted(PRESETS)

@@ -15,7 +15,11 @@ from pathlib import Path
 
 from scripts.utils.errors import BundleError
 
-__all__ = ["given_keys", "given_value", "none_overrides", "refuse_none_overrides", "without"]
+__all__ = ["PRESET_NAMES", "given_keys", "given_value", "none_overrides", "refuse_none_overrides", "without"]
+
+# The modality presets' names, for command lines that answer --help before MONAI is imported: the keys of
+# scripts.data.preprocessing.PRESETS (tests/test_first_hour.py keeps them equal).
+PRESET_NAMES = ("ct", "ct_wide", "mri")
 
 # What to type instead of None, for the keys whose None means something other than their default.
 _INSTEAD = {"projection_width": "--projection_width raw concatenates the raw pyramid levels (vox2vec)"}
