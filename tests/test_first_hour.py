@@ -91,3 +91,61 @@ def test_the_light_preset_names_are_the_presets():
     from scripts.utils.cli import PRESET_NAMES
 
     assert sorted(PRESET_NAMES) == sorted(PRESETS)
+
+
+MONAI_MAIN = "/venv/lib/python3.11/site-packages/monai/bundle/__main__.py"  # argv[0] of python -m monai.bundle
+
+
+def tiny_model(path: Path) -> Path:
+    """A fine-tuned model of other settings than inference.json's defaults (4 channels, 3 scales, 2 classes)."""
+    import torch
+    from scripts.engine.weights import save_weights
+    from scripts.networks.segmentation import segmentation_network
+
+    info = {"kind": "segmentation", "in_channels": 1, "base_channels": 4, "num_scales": 3, "num_classes": 2}
+    info |= {"head": "linear", "modality": "mri", "patch_size": [16, 16, 8]}
+    torch.manual_seed(0)
+    save_weights(segmentation_network(2, 4, 3).state_dict(), path, info)
+    return path
+
+
+def test_ckpt_export_builds_the_network_from_the_file_it_loads(tmp_path, monkeypatch):
+    """ckpt_export keeps --ckpt_file from the config: inference.json's network must still come from its sidecar."""
+    import torch
+    from monai.bundle import ckpt_export
+
+    ckpt = str(tiny_model(tmp_path / "runs/train/model.pt"))
+    args = {"filepath": str(tmp_path / "model.ts"), "ckpt_file": ckpt}
+    args |= {"meta_file": "configs/metadata.json", "config_file": "configs/inference.json"}
+    argv = [MONAI_MAIN, "ckpt_export", "network_def", *(w for k, v in args.items() for w in (f"--{k}", v))]
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(sys, "argv", argv)
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)
+    ckpt_export(net_id="network_def", **args)  # models/model.pt's defaults: 192 size mismatches
+    assert tuple(torch.jit.load(args["filepath"])(torch.rand(1, 1, 16, 16, 8)).shape) == (1, 2, 16, 16, 8)
+
+
+def test_ckpt_export_refuses_a_model_file_that_is_not_the_ckpt_file():
+    from scripts.utils.cli import weight_file
+
+    export = [MONAI_MAIN, "ckpt_export", "network_def", "--ckpt_file", "runs/train/model.pt"]
+    assert weight_file("models/model.pt", export) == "runs/train/model.pt"
+    assert weight_file("runs/train/model.pt", [*export, "--model_file", "runs/train/model.pt"]) == "runs/train/model.pt"
+    assert weight_file("models/model.pt", [MONAI_MAIN, "ckpt_export", "network_def"]) == "models/model.pt"
+    assert weight_file("x.pt", [MONAI_MAIN, "run", "--ckpt_file", "y.pt"]) == "x.pt"  # inference: model_file
+    assert weight_file("x.pt", ["pytest", "ckpt_export", "--ckpt_file", "y.pt"]) == "x.pt"  # not MONAI's command
+    with pytest.raises(BundleError, match=r"--model_file other.pt is not the file ckpt_export loads \(--ckpt_file run"):
+        weight_file("other.pt", [*export, "--model_file", "other.pt"])
+    with pytest.raises(BundleError, match=r"--ckpt_file models/model.pt, its default"):
+        weight_file("other.pt", [MONAI_MAIN, "ckpt_export", "--model_file", "other.pt"])
+
+
+def test_a_missing_model_file_names_the_command_that_makes_one(tmp_path):
+    from scripts.data.inference_inputs import require_model
+
+    with pytest.raises(BundleError) as error:
+        require_model(str(tmp_path / "models/model.pt"))
+    message = str(error.value)
+    assert f"model_file {tmp_path / 'models/model.pt'} does not exist" in message
+    assert "python -m monai.bundle run --config_file configs/train.yaml" in message
+    assert "--model_file runs/train/model.pt" in message
