@@ -149,3 +149,30 @@ def test_a_missing_model_file_names_the_command_that_makes_one(tmp_path):
     assert f"model_file {tmp_path / 'models/model.pt'} does not exist" in message
     assert "python -m monai.bundle run --config_file configs/train.yaml" in message
     assert "--model_file runs/train/model.pt" in message
+
+
+COMMANDS = [
+    "scripts.import_weights",
+    "scripts.tools.study",
+    "scripts.tools.compare",
+    "scripts.tools.benchmark",
+    "scripts.tools.release",
+    "scripts.tools.datasets",
+]
+
+
+@pytest.mark.parametrize("module", COMMANDS)
+@pytest.mark.parametrize("args", [["--help"], ["--no_such_option"]], ids=["help", "argument error"])
+def test_every_command_answers_before_torch_is_imported(module, args):
+    result, modules = imported_modules("-m", module, *args)
+    if args == ["--help"]:
+        assert result.returncode == 0 and f"usage: python -m {module}" in result.stdout, result.stderr[-2000:]
+    else:
+        assert result.returncode == 2 and f"usage: python -m {module}" in result.stderr  # and what is wrong
+    assert "torch" not in modules and "monai" not in modules
+
+
+def test_the_study_checks_its_arguments_before_torch_is_imported():
+    result, modules = imported_modules("-m", "scripts.tools.study", "--budgets", "0")
+    assert result.returncode == 2 and "--budgets 0: each budget is a number of labelled scans >= 1" in result.stderr
+    assert "torch" not in modules and "monai" not in modules

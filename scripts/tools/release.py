@@ -33,13 +33,37 @@ import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
-import torch
-import yaml
-from scripts.engine import weights
-from scripts.networks.fpn3d import FPN3d
-from scripts.networks.segmentation import segmentation_network
-from scripts.utils import errors, log
-from scripts.utils.errors import BundleError
+# The Zoo's `<data>_<modality>_<task>` form: the data are any CT or MRI volumes, so the method names them.
+DEFAULT_NAME = "dhr_ct_mri_pretraining"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; built before torch and MONAI are imported (see the imports below)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m scripts.tools.release",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--version", required=True, help="release version, major.minor.patch")
+    parser.add_argument("--base_url", required=True, help="where the zip and the weight files will be downloadable")
+    parser.add_argument("--model", required=True, type=Path, help="segmentation weights (train.yaml's model_file)")
+    parser.add_argument("--backbone", type=Path, help="pretrained backbone weights (pretraining's export)")
+    parser.add_argument("--name", default=DEFAULT_NAME, help="bundle name: folder, zip and URL prefix")
+    parser.add_argument("--output_dir", default="release", type=Path)
+    parser.add_argument("--changelog", help="changelog entry for --version, if configs/metadata.json has none")
+    return parser
+
+
+if __name__ == "__main__":
+    build_parser().parse_args()  # --help and argument errors answer before torch and MONAI are imported
+
+import torch  # noqa: E402
+import yaml  # noqa: E402
+from scripts.engine import weights  # noqa: E402
+from scripts.networks.fpn3d import FPN3d  # noqa: E402
+from scripts.networks.segmentation import segmentation_network  # noqa: E402
+from scripts.utils import errors, log  # noqa: E402
+from scripts.utils.errors import BundleError  # noqa: E402
 
 __all__ = [
     "DEFAULT_NAME",
@@ -55,8 +79,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[2]
-# The Zoo's `<data>_<modality>_<task>` form: the data are any CT or MRI volumes, so the method names them.
-DEFAULT_NAME = "dhr_ct_mri_pretraining"
 SHIPPED = ("configs", "docs", "scripts", "LICENSE")  # what a Zoo bundle holds besides models/ and large_files.yml
 NOT_SHIPPED = ROOT / "scripts" / "tools"  # the research and release tools: run from a clone, not needed by a Zoo user
 MAX_FILE_BYTES = 1024 * 1024  # the Zoo's pre-commit check-added-large-files (--maxkb=1024)
@@ -313,18 +335,7 @@ def release(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m scripts.tools.release",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument("--version", required=True, help="release version, major.minor.patch")
-    parser.add_argument("--base_url", required=True, help="where the zip and the weight files will be downloadable")
-    parser.add_argument("--model", required=True, type=Path, help="segmentation weights (train.yaml's model_file)")
-    parser.add_argument("--backbone", type=Path, help="pretrained backbone weights (pretraining's export)")
-    parser.add_argument("--name", default=DEFAULT_NAME, help="bundle name: folder, zip and URL prefix")
-    parser.add_argument("--output_dir", default="release", type=Path)
-    parser.add_argument("--changelog", help="changelog entry for --version, if configs/metadata.json has none")
+    parser = build_parser()
     args = parser.parse_args(argv)
     errors.install()
     log.configure()
