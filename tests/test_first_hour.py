@@ -176,3 +176,25 @@ def test_the_study_checks_its_arguments_before_torch_is_imported():
     result, modules = imported_modules("-m", "scripts.tools.study", "--budgets", "0")
     assert result.returncode == 2 and "--budgets 0: each budget is a number of labelled scans >= 1" in result.stderr
     assert "torch" not in modules and "monai" not in modules
+
+
+def test_tracking_leaves_no_config_file_in_the_output_folder(tmp_path):
+    from ignite.engine import Engine
+    from mlflow import MlflowClient
+    from monai.handlers import MLFlowHandler
+    from scripts.utils import tracking
+
+    (tmp_path / "config_20260101_120000.json").write_text(json.dumps({"epochs": 2}))  # as MONAI saves it
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    artifacts = f"{tmp_path} + '/config_20260101_120000.json'"
+    handler = MLFlowHandler(tracking_uri=uri, run_name="dhr", artifacts=artifacts, iteration_log=False)
+    tracking.record_config([handler], tmp_path)
+    assert not list(tmp_path.glob("config_*.json"))
+    engine = Engine(lambda engine, batch: None)
+    handler.attach(engine)
+    engine.run([0], max_epochs=1)
+    handler.close()
+    client = MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["config_20260101_120000.json"]
+    assert run.data.params["epochs"] == "2"
