@@ -23,13 +23,34 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import torch
-from scripts.engine.runs import checkpoints
-from scripts.engine.weights import infer_info, matches, save_weights, sidecar
-from scripts.networks.fpn3d import FPN3d
-from scripts.utils import errors, log
-from scripts.utils.errors import BundleError
-from torch import Tensor
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; built before torch and MONAI are imported (see the imports below)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m scripts.import_weights",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("src", help="released weights, a checkpoint (.pt / .ckpt) or a checkpoint folder")
+    parser.add_argument("dst", help="output file: the plain FPN3d state dict, beside it its .json sidecar")
+    parser.add_argument("--base_channels", type=int, help="checked against the file (DHR 32, vox2vec 16)")
+    parser.add_argument("--num_scales", type=int, help="checked against the file (DHR 5, vox2vec 6)")
+    parser.add_argument("--modality", choices=["ct", "ct_wide", "mri"], help="preset the weights were pretrained with")
+    parser.add_argument("--patch_size", type=int, nargs=3, help="pretraining patch size in voxels")
+    parser.add_argument("--method", choices=["dhr", "vox2vec", "pcrl"], help="pretraining method")
+    return parser
+
+
+if __name__ == "__main__":
+    build_parser().parse_args()  # --help and argument errors answer before torch and MONAI are imported
+
+import torch  # noqa: E402
+from scripts.engine.runs import checkpoints  # noqa: E402
+from scripts.engine.weights import infer_info, matches, save_weights, sidecar  # noqa: E402
+from scripts.networks.fpn3d import FPN3d  # noqa: E402
+from scripts.utils import errors, log  # noqa: E402
+from scripts.utils.errors import BundleError  # noqa: E402
+from torch import Tensor  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -222,18 +243,7 @@ def import_backbone(src: str | os.PathLike, dst: str | os.PathLike, **given) -> 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Command line entry point; exits with status 1 and a one-line message on a missing or unfitting file."""
-    parser = argparse.ArgumentParser(
-        prog="python -m scripts.import_weights",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument("src", help="released weights, a checkpoint (.pt / .ckpt) or a checkpoint folder")
-    parser.add_argument("dst", help="output file: the plain FPN3d state dict, beside it its .json sidecar")
-    parser.add_argument("--base_channels", type=int, help="checked against the file (DHR 32, vox2vec 16)")
-    parser.add_argument("--num_scales", type=int, help="checked against the file (DHR 5, vox2vec 6)")
-    parser.add_argument("--modality", choices=["ct", "ct_wide", "mri"], help="preset the weights were pretrained with")
-    parser.add_argument("--patch_size", type=int, nargs=3, help="pretraining patch size in voxels")
-    parser.add_argument("--method", choices=["dhr", "vox2vec", "pcrl"], help="pretraining method")
+    parser = build_parser()
     args = parser.parse_args(argv)
     errors.install()
     log.configure()

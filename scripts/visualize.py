@@ -26,17 +26,42 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
-import torch
-import torch.nn.functional as F
-from scripts.data.preprocessing import PRESETS, preprocessing
-from scripts.engine.weights import read_info
-from scripts.import_weights import load_backbone
-from scripts.networks.fpn3d import FPN3d
-from scripts.utils import errors, log
-from scripts.utils.errors import BundleError
-from torch import Tensor
+from scripts.utils.cli import PRESET_NAMES
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; built before torch and MONAI are imported (see the end of the imports)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m scripts.visualize",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    required = {"required": True, "default": argparse.SUPPRESS}  # no "(default: None)" in --help
+    parser.add_argument("--backbone", nargs="+", help="backbone weight files, one column group each", **required)
+    parser.add_argument("--image", help="a NIfTI volume", **required)
+    parser.add_argument(
+        "--voxel", nargs=3, type=int, help="query voxel: indices in the input image; unset: the centre of the body"
+    )
+    parser.add_argument("--output", default="runs/visualization.png", help="PNG file to write")
+    parser.add_argument("--modality", default="mri", choices=PRESET_NAMES, help="preset when the file records none")
+    parser.add_argument("--crop", nargs=3, type=int, default=[96, 96, 64], help="voxels embedded around the query")
+    return parser
+
+
+if __name__ == "__main__":
+    build_parser().parse_args()  # --help and argument errors answer before torch and MONAI are imported
+
+import nibabel as nib  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from scripts.data.preprocessing import PRESETS, preprocessing  # noqa: E402, F401
+from scripts.engine.weights import read_info  # noqa: E402
+from scripts.import_weights import load_backbone  # noqa: E402
+from scripts.networks.fpn3d import FPN3d  # noqa: E402
+from scripts.utils import errors, log  # noqa: E402
+from scripts.utils.errors import BundleError  # noqa: E402
+from torch import Tensor  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -177,20 +202,7 @@ def column(path: str, image_file: str, voxel: Sequence[int] | None, crop: Sequen
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m scripts.visualize",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    required = {"required": True, "default": argparse.SUPPRESS}  # no "(default: None)" in --help
-    parser.add_argument("--backbone", nargs="+", help="backbone weight files, one column group each", **required)
-    parser.add_argument("--image", help="a NIfTI volume", **required)
-    parser.add_argument(
-        "--voxel", nargs=3, type=int, help="query voxel: indices in the input image; unset: the centre of the body"
-    )
-    parser.add_argument("--output", default="runs/visualization.png", help="PNG file to write")
-    parser.add_argument("--modality", default="mri", choices=sorted(PRESETS), help="preset when the file records none")
-    parser.add_argument("--crop", nargs=3, type=int, default=[96, 96, 64], help="voxels embedded around the query")
+    parser = build_parser()
     args = parser.parse_args(argv)
     errors.install()
     log.configure()

@@ -81,8 +81,8 @@ STEPS = [
         "scripts.visualize",
         "--crop 32 32 16",
         ("runs/pretrain/", "data/demo/"),
-        ("docs/demo_backbone.png",),
-        ("docs/demo_backbone.png",),
+        ("runs/demo_backbone.png",),
+        ("runs/demo_backbone.png",),
     ),
     Step("verify_metadata", "", (), ()),
     pretraining("--dataset_dir /data/ct --modality ct", "runs/pretrain_ct", ("/data/ct/",)),
@@ -303,8 +303,8 @@ def check(run: Run, returncode: int, repo: Path, data: Path, backbone: bytes | N
         files = expected_files(pattern, repo, data)
         assert files, f"{run.command}: no {pattern}"
         assert all(f in run.changed for f in files), f"{run.command}: {pattern} is left from an earlier command"
-    if run.step.pattern == RESUME_HEADING:  # the finished Quick start run: resumed, its backbone the same
-        assert "Resuming from runs/pretrain/checkpoints/checkpoint_iteration=2.pt" in output
+    if run.step.pattern == RESUME_HEADING:  # the finished Quick start run: complete, its backbone the same
+        assert "Run complete: runs/pretrain/checkpoints/checkpoint_iteration=2.pt" in output
         assert (repo / "runs/pretrain/pretrained_backbone.pt").read_bytes() == backbone
     if run.step.pattern == "--tracking mlflow":
         assert (repo / "runs/pretrain_mlflow/mlruns.db").is_file() and not (repo / "mlruns").exists()

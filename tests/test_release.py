@@ -28,7 +28,7 @@ import yaml
 from bundle import ROOT, WORKFLOW_LIMIT, run_command
 
 NAME = "dhr_ct_mri_pretraining"
-VERSION = "0.3.0"
+VERSION = json.loads((ROOT / "configs/metadata.json").read_text())["version"]  # a lower one is refused
 MODEL_ZOO = Path(os.environ.get("MODEL_ZOO_DIR", "/work/model-zoo"))
 SCHEMA = ROOT / "tests/schema/meta_schema_20240725.json"
 # not the configs' defaults (32, 5, 3 classes): the release must record them

@@ -30,8 +30,10 @@ def require_model(model_file: str) -> None:
     """
     if not Path(model_file).is_file():
         raise BundleError(
-            f"model_file {model_file} does not exist: give a trained model with --model_file (configs/train.yaml "
-            "writes <output_dir>/model.pt)."
+            f"model_file {model_file} does not exist: give a trained model with --model_file. Fine-tuning writes "
+            "one: python -m monai.bundle run --config_file configs/train.yaml (add --pretrained_ckpt with a pretrained "
+            "backbone) writes runs/train/model.pt; then add --model_file runs/train/model.pt to this command. "
+            "(models/model.pt, the default, is a release's model: a clone has none.)"
         )
 
 

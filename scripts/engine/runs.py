@@ -22,7 +22,10 @@ import logging
 import os
 import random
 import re
+import shlex
 import shutil
+import signal
+import sys
 import tempfile
 import warnings
 from collections.abc import Mapping
@@ -33,7 +36,7 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
-from scripts.utils.distributed import is_main, unwrap
+from scripts.utils.distributed import is_main, unwrap, world_size
 from scripts.utils.errors import BundleError
 
 logger = logging.getLogger(__name__)
@@ -46,6 +49,8 @@ __all__ = [
     "set_rng_states",
     "RunLock",
     "lock_output_dir",
+    "unlock_output_dir",
+    "RunInterruptedError",
     "RunFolder",
     "CheckpointSaver",
     "CheckpointLoader",
@@ -152,7 +157,8 @@ class RunLock:
     An exclusive lock on an output folder: ``flock`` on ``<output_dir>/run.lock``, which holds the holder's PID.
 
     The kernel drops the lock when the holder exits, however it ends, so a lock file left by a killed run (a dead PID)
-    is simply taken over; the file is never deleted, because deleting a lock file races with a process opening it.
+    is simply taken over. A run that ends removes it (:meth:`release`), only while it still holds the flock; a process
+    that opened the file just before checks, once it holds the flock, that the path still names that file.
     """
 
     _held: ClassVar[dict[Path, int]] = {}  # descriptors of the locks this process holds: closing one releases it
@@ -178,9 +184,33 @@ class RunLock:
                 f"{self.path.parent} is in use by another run (PID {holder}; lock file {self.path}): wait for it to "
                 "end or stop it, or run this one in its own folder with --output_dir <new folder>."
             ) from None
+        try:
+            same_file = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+        except FileNotFoundError:
+            same_file = False
+        if not same_file:  # the holder removed the file between our open and flock: lock the new one
+            os.close(fd)
+            return self.acquire()
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._held[self.path] = fd
+
+    def release(self) -> None:
+        """Removes the lock file and drops the lock (not held: nothing to do). The file is removed while the flock is
+        still held, so no other process holds it then; one that opened it just before finds, once it has the flock,
+        that the path no longer names its file and locks a new one (:meth:`acquire`)."""
+        fd = self._held.pop(self.path, None)
+        if fd is None:
+            return
+        try:
+            self.path.unlink(missing_ok=True)
+        finally:
+            os.close(fd)
+
+
+def unlock_output_dir(output_dir: str | os.PathLike) -> None:
+    """Releases and removes the :class:`RunLock` that :func:`lock_output_dir` took (at the end of a workflow)."""
+    RunLock(Path(output_dir) / "run.lock").release()
 
 
 def lock_output_dir(output_dir: str | os.PathLike) -> None:
@@ -208,6 +238,31 @@ def _differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
         for k in keys
         if old.get(k, missing) != new.get(k, missing)
     ]
+
+
+class RunInterruptedError(BundleError):
+    """A run stopped by Ctrl-C or SIGTERM: its message says what was saved and how to resume (one line)."""
+
+    prefix = "interrupted"
+
+
+def resume_command() -> str:
+    """The command that resumes this run: this process's command line, without ``--resume`` (``False`` would set the
+    checkpoints aside); ``the same command`` where the process is not ``python -m monai.bundle``."""
+    argv = sys.argv
+    if not argv or Path(argv[0]).parts[-3:] != ("monai", "bundle", "__main__.py"):
+        return "the same command"
+    from scripts.utils.cli import without
+
+    return "python -m monai.bundle " + shlex.join(without(argv[1:], {"resume"}))
+
+
+class _QuietResume(logging.Filter):
+    """Drops ignite's ``Engine run resuming from iteration 0 ...``: MONAI's engines hold a state before they run, so
+    ignite says so for every run, before the checkpoint is applied; :class:`RunFolder` says where a run resumes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Engine run resuming from")
 
 
 class RunFolder:
@@ -245,6 +300,7 @@ class RunFolder:
         self.epochs = epochs
         self.resume_path: Path | None = None
         self.resume_state: dict[str, Any] | None = None  # loaded here, applied by CheckpointLoader at STARTED
+        self.complete = False  # the newest checkpoint holds every iteration of `epochs`: nothing to run
 
     def start(self) -> None:
         """Lock, set aside or check the earlier run, write ``run.json`` (see the class docstring)."""
@@ -257,10 +313,62 @@ class RunFolder:
             self._load_newest()
         elif is_main():
             self._set_aside()
-        if is_main():
-            target = self.output_dir / "run.json"
-            target.with_name("run.json.partial").write_text(json.dumps(self.identity, indent=2) + "\n")
+        target = self.output_dir / "run.json"
+        text = json.dumps(self.identity, indent=2) + "\n"
+        if is_main() and not (target.is_file() and target.read_text() == text):
+            target.with_name("run.json.partial").write_text(text)
             os.replace(target.with_name("run.json.partial"), target)
+
+    def train(self, trainer: Engine) -> None:
+        """Runs ``trainer`` (the workflow's last step), then removes the lock.
+
+        A complete run (see :meth:`start`) says so and changes nothing. Ctrl-C or SIGTERM stops a 1-process run after
+        the current iteration, without the backbone export; then, as under torchrun at once, the run ends with a
+        :class:`RunInterruptedError` naming the newest checkpoint, its iteration and the command that resumes it.
+
+        Raises:
+            RunInterruptedError: on Ctrl-C or SIGTERM.
+        """
+        try:
+            if self.complete:
+                return
+            trainer.logger.addFilter(_QuietResume())
+            stopped: list[int] = []
+
+            def stop(signum: int, frame: Any) -> None:
+                stopped.append(signum)
+                signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
+                if world_size() > 1:  # the other ranks may be inside a collective: stop every one now
+                    raise KeyboardInterrupt
+                trainer.should_terminate = "skip_completed"  # ignite's terminate(skip_completed=True), unlogged
+
+            previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+            for s in previous:
+                signal.signal(s, stop)
+            try:
+                trainer.run()
+            except KeyboardInterrupt as err:
+                if not stopped:
+                    stopped.append(signal.SIGINT)
+                raise RunInterruptedError(self._interrupted(stopped[0])) from err
+            finally:
+                for s, handler in previous.items():
+                    signal.signal(s, handler)
+            if stopped:
+                raise RunInterruptedError(self._interrupted(stopped[0]))
+        finally:
+            if is_main():
+                RunLock(self.output_dir / "run.lock").release()
+
+    def _interrupted(self, signum: int) -> str:
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        found = checkpoints(self.checkpoint_dir)
+        if found:
+            iteration = int(_CHECKPOINT.fullmatch(found[0].name).group(1))
+            saved = f"the newest checkpoint is {found[0]} (iteration {iteration})"
+        else:
+            saved = "no checkpoint was saved yet"
+        return f"{name}: run stopped; {saved}. Resume with: {resume_command()}"
 
     def _set_aside(self) -> None:
         found = checkpoints(self.checkpoint_dir)
@@ -291,8 +399,21 @@ class RunFolder:
                 )
                 continue
             self._check(path, state)
+            trainer = state["trainer"]
+            if self.epochs is not None and trainer["iteration"] >= self.epochs * trainer["epoch_length"]:
+                self.complete = True
+                logger.info(
+                    f"Run complete: {path} holds all {trainer['iteration']} iterations (epochs={self.epochs} x "
+                    f"epoch_length={trainer['epoch_length']}); nothing to do. A larger --epochs extends it; "
+                    "--resume False starts afresh."
+                )
+                return
             self.resume_path, self.resume_state = path, state
-            logger.info(f"Resuming from {path} (iteration {state['trainer']['iteration']})")
+            logger.info(
+                f"Resuming from {path} (iteration {trainer['iteration']} of {self.epochs * trainer['epoch_length']})"
+                if self.epochs is not None
+                else f"Resuming from {path} (iteration {trainer['iteration']})"
+            )
             return
 
     def _check(self, path: Path, state: Mapping[str, Any]) -> None:

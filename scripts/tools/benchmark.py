@@ -37,16 +37,37 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-import torch
-from scripts.data.cache import write_entry
-from scripts.networks.fpn3d import dhr_network
-from scripts.networks.segmentation import segmentation_network
-from scripts.ssl.batch import SSLBatch
-from scripts.ssl.local_augmentations import LocalAugmentations
-from scripts.ssl.losses import HybridLoss
-from scripts.ssl.sampler import VoxelPairDataset, VoxelPairSamplerd
-from scripts.utils import errors, log
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; built before numpy, torch and MONAI are imported (see the imports below)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m scripts.tools.benchmark",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--repeats", type=int, default=10, help="timed repetitions (the median is printed)")
+    parser.add_argument("--volume", type=int, nargs=3, default=[320, 240, 200], help="synthetic volume size (voxels)")
+    parser.add_argument("--patch", type=int, nargs=3, default=[128, 128, 32], help="patch size (voxels)")
+    parser.add_argument("--pairs", type=int, default=10, help="voxel pairs per batch")
+    parser.add_argument("--voxels", type=int, default=1024, help="matched voxels per pair")
+    parser.add_argument("--cache_dir", default=None, help="where the benchmark's cache entry goes (a disk, not tmpfs)")
+    parser.add_argument("--memory", action="store_true", help="print memory estimates instead (nothing is run)")
+    return parser
+
+
+if __name__ == "__main__":
+    build_parser().parse_args()  # --help and argument errors answer before numpy, torch and MONAI are imported
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from scripts.data.cache import write_entry  # noqa: E402
+from scripts.networks.fpn3d import dhr_network  # noqa: E402
+from scripts.networks.segmentation import segmentation_network  # noqa: E402
+from scripts.ssl.batch import SSLBatch  # noqa: E402
+from scripts.ssl.local_augmentations import LocalAugmentations  # noqa: E402
+from scripts.ssl.losses import HybridLoss  # noqa: E402
+from scripts.ssl.sampler import VoxelPairDataset, VoxelPairSamplerd  # noqa: E402
+from scripts.utils import errors, log  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -227,18 +248,7 @@ def memory_estimates(patch: tuple[int, int, int], pairs: int, voxels: int) -> li
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m scripts.tools.benchmark",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument("--repeats", type=int, default=10, help="timed repetitions (the median is printed)")
-    parser.add_argument("--volume", type=int, nargs=3, default=[320, 240, 200], help="synthetic volume size (voxels)")
-    parser.add_argument("--patch", type=int, nargs=3, default=[128, 128, 32], help="patch size (voxels)")
-    parser.add_argument("--pairs", type=int, default=10, help="voxel pairs per batch")
-    parser.add_argument("--voxels", type=int, default=1024, help="matched voxels per pair")
-    parser.add_argument("--cache_dir", default=None, help="where the benchmark's cache entry goes (a disk, not tmpfs)")
-    parser.add_argument("--memory", action="store_true", help="print memory estimates instead (nothing is run)")
+    parser = build_parser()
     args = parser.parse_args()
     errors.install()
     log.configure()

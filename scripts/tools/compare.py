@@ -34,8 +34,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from scripts.tools import study
-from scripts.utils import errors, log
+from scripts.tools.study_args import add_study_arguments, check_study_arguments
 from scripts.utils.cli import given_keys, given_value, none_overrides, without
 
 logger = logging.getLogger(__name__)
@@ -53,6 +52,45 @@ METHODS = {
 PAPER_PRESETS = {"vox2vec": {"ct": "ct_wide"}}
 # Keys the comparison sets for each pretraining itself.
 OWN_KEYS = {"output_dir", "backbone_file", "progress", "tracking", "tracking_uri", "experiment_name"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; built before the study's numpy and MONAI are imported (see the imports below)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m scripts.tools.compare",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="Runs: one pretraining per method, then (1 from scratch + one per method) x modes x budgets x folds "
+        "study cells, each a training and an evaluation run; with the defaults 3 pretrainings and "
+        "(1 + 3) x 2 x 3 x 3 = 72 cells.",
+    )
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), help="methods")
+    parser.add_argument("--output_dir", default="runs/compare", help="pretrainings, study/, mlruns.db")
+    add_study_arguments(parser)
+    quoted = "quoted (default: %(default)r)"
+    parser.add_argument(
+        "--pretrain_args",
+        default="",
+        help=f"arguments of every pretraining, {quoted}; --modality ct gives vox2vec its paper's preset, ct_wide "
+        "([-1350, 1000] HU), and DHR and PCRL theirs, ct",
+    )
+    parser.add_argument(
+        "--method_args",
+        nargs="+",
+        default=[],
+        metavar="METHOD=ARGS",
+        help="one method's own pretraining arguments, quoted, after --pretrain_args (replacing the keys they set), "
+        "e.g. --method_args vox2vec='--epochs 200' pcrl='--learning_rate 0.01'",
+    )
+    parser.add_argument("--study_args", default="", help=f"arguments of every study run, {quoted}")
+    return parser
+
+
+if __name__ == "__main__":
+    build_parser().parse_args()  # --help and argument errors answer before numpy and MONAI are imported
+
+from scripts.tools import study  # noqa: E402
+from scripts.utils import errors, log  # noqa: E402
 
 
 def method_args(method: str, common: Sequence[str], own: Sequence[str] = ()) -> list[str]:
@@ -113,33 +151,7 @@ def pretrain(method: str, root: Path, extra: Sequence[str] = (), tracking: study
 
 def main(argv: Sequence[str] | None = None) -> None:
     study.end_runs_with_this_process()
-    parser = argparse.ArgumentParser(
-        prog="python -m scripts.tools.compare",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        epilog="Runs: one pretraining per method, then (1 from scratch + one per method) x modes x budgets x folds "
-        "study cells, each a training and an evaluation run; with the defaults 3 pretrainings and "
-        "(1 + 3) x 2 x 3 x 3 = 72 cells.",
-    )
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), help="methods")
-    parser.add_argument("--output_dir", default="runs/compare", help="pretrainings, study/, mlruns.db")
-    study.add_study_arguments(parser)
-    quoted = "quoted (default: %(default)r)"
-    parser.add_argument(
-        "--pretrain_args",
-        default="",
-        help=f"arguments of every pretraining, {quoted}; --modality ct gives vox2vec its paper's preset, ct_wide "
-        "([-1350, 1000] HU), and DHR and PCRL theirs, ct",
-    )
-    parser.add_argument(
-        "--method_args",
-        nargs="+",
-        default=[],
-        metavar="METHOD=ARGS",
-        help="one method's own pretraining arguments, quoted, after --pretrain_args (replacing the keys they set), "
-        "e.g. --method_args vox2vec='--epochs 200' pcrl='--learning_rate 0.01'",
-    )
-    parser.add_argument("--study_args", default="", help=f"arguments of every study run, {quoted}")
+    parser = build_parser()
     args = parser.parse_args(argv)
     errors.install()
     log.configure()
@@ -147,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         pretrain_args, study_args = shlex.split(args.pretrain_args), shlex.split(args.study_args)
     except ValueError as err:
         parser.error(f"--pretrain_args/--study_args: {err}")
-    study.check_study_arguments(parser, args, study_args)
+    check_study_arguments(parser, args, study_args)
     if "modality" in given_keys(study_args):
         parser.error(
             "--modality in --study_args: each backbone's runs take the preset it was pretrained with (from scratch: "

@@ -49,7 +49,6 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from scripts.data.splits import split_cases
 from scripts.utils import errors
 from scripts.utils.errors import BundleError, InputNotFoundError, InvalidInputError
 
@@ -586,6 +585,8 @@ def remap_labels(cases: Sequence[tuple[int, Path, Path]], label_map: LabelMap, f
 
 def _fold_sizes(datalist: dict, num_folds: int) -> list[tuple[int, int]]:
     """``(test, pool)`` case counts of each fold as the bundle's `split_cases` cuts them."""
+    from scripts.data.splits import split_cases  # MONAI and torch: not for --help (tests/test_first_hour.py)
+
     sizes = []
     for fold in range(num_folds):
         split = split_cases(datalist, None, fold, num_folds, num_val_cases=0)

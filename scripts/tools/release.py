@@ -33,13 +33,37 @@ import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
-import torch
-import yaml
-from scripts.engine import weights
-from scripts.networks.fpn3d import FPN3d
-from scripts.networks.segmentation import segmentation_network
-from scripts.utils import errors, log
-from scripts.utils.errors import BundleError
+# The Zoo's `<data>_<modality>_<task>` form: the data are any CT or MRI volumes, so the method names them.
+DEFAULT_NAME = "dhr_ct_mri_pretraining"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; built before torch and MONAI are imported (see the imports below)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m scripts.tools.release",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--version", required=True, help="release version, major.minor.patch")
+    parser.add_argument("--base_url", required=True, help="where the zip and the weight files will be downloadable")
+    parser.add_argument("--model", required=True, type=Path, help="segmentation weights (train.yaml's model_file)")
+    parser.add_argument("--backbone", type=Path, help="pretrained backbone weights (pretraining's export)")
+    parser.add_argument("--name", default=DEFAULT_NAME, help="bundle name: folder, zip and URL prefix")
+    parser.add_argument("--output_dir", default="release", type=Path)
+    parser.add_argument("--changelog", help="changelog entry for --version, if configs/metadata.json has none")
+    return parser
+
+
+if __name__ == "__main__":
+    build_parser().parse_args()  # --help and argument errors answer before torch and MONAI are imported
+
+import torch  # noqa: E402
+import yaml  # noqa: E402
+from scripts.engine import weights  # noqa: E402
+from scripts.networks.fpn3d import FPN3d  # noqa: E402
+from scripts.networks.segmentation import segmentation_network  # noqa: E402
+from scripts.utils import errors, log  # noqa: E402
+from scripts.utils.errors import BundleError  # noqa: E402
 
 __all__ = [
     "DEFAULT_NAME",
@@ -55,8 +79,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[2]
-# The Zoo's `<data>_<modality>_<task>` form: the data are any CT or MRI volumes, so the method names them.
-DEFAULT_NAME = "dhr_ct_mri_pretraining"
 SHIPPED = ("configs", "docs", "scripts", "LICENSE")  # what a Zoo bundle holds besides models/ and large_files.yml
 NOT_SHIPPED = ROOT / "scripts" / "tools"  # the research and release tools: run from a clone, not needed by a Zoo user
 MAX_FILE_BYTES = 1024 * 1024  # the Zoo's pre-commit check-added-large-files (--maxkb=1024)
@@ -78,7 +100,20 @@ def describe_weights(path: Path, kind: str) -> dict:
         BundleError: the file is missing or unreadable, or its tensors do not fit the network described.
     """
     if not path.is_file():
-        raise BundleError(f"--{'model' if kind == 'segmentation' else 'backbone'} {path}: no such file.")
+        if kind == "segmentation":
+            made_by = (
+                "a fine-tuning run writes one: python -m monai.bundle run --config_file configs/train.yaml "
+                "--pretrained_ckpt runs/pretrain/pretrained_backbone.pt (then --model runs/train/model.pt)"
+            )
+        else:
+            made_by = (
+                "pretraining writes one: python -m monai.bundle run pretrain --config_file configs/pretrain.yaml "
+                "(then --backbone runs/pretrain/pretrained_backbone.pt)"
+            )
+        raise BundleError(
+            f"--{'model' if kind == 'segmentation' else 'backbone'} {path}: no such file (no weights are in git; "
+            f"{made_by})."
+        )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         info = {**weights.read_info(path), "kind": kind}
@@ -196,6 +231,10 @@ def json_text(value: object) -> str:
     return json.dumps(value, indent=4) + "\n"
 
 
+def _version_key(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in version.split("."))
+
+
 def release(
     version: str,
     base_url: str,
@@ -217,6 +256,11 @@ def release(
     if not re.fullmatch(r"[A-Za-z0-9_]+", name):
         raise BundleError(f"--name {name}: use letters, digits and underscores, e.g. {DEFAULT_NAME}.")
     metadata = json.loads((ROOT / "configs/metadata.json").read_text())
+    if _version_key(version) < _version_key(metadata["version"]):
+        raise BundleError(
+            f"--version {version} is lower than this bundle's version {metadata['version']} (configs/metadata.json): "
+            f"a release never goes back; give --version {metadata['version']} or higher."
+        )
     if changelog:
         metadata["changelog"] = {version: changelog, **{k: v for k, v in metadata["changelog"].items() if k != version}}
     if version not in metadata["changelog"]:
@@ -291,16 +335,7 @@ def release(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    parser.add_argument("--version", required=True, help="release version, major.minor.patch")
-    parser.add_argument("--base_url", required=True, help="where the zip and the weight files will be downloadable")
-    parser.add_argument("--model", required=True, type=Path, help="segmentation weights (train.yaml's model_file)")
-    parser.add_argument("--backbone", type=Path, help="pretrained backbone weights (pretraining's export)")
-    parser.add_argument("--name", default=DEFAULT_NAME, help="bundle name: folder, zip and URL prefix")
-    parser.add_argument("--output_dir", default="release", type=Path)
-    parser.add_argument("--changelog", help="changelog entry for --version, if configs/metadata.json has none")
+    parser = build_parser()
     args = parser.parse_args(argv)
     errors.install()
     log.configure()

@@ -38,13 +38,41 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
-from monai.bundle import ConfigParser
-from scripts.data.demo import prepare_demo
-from scripts.data.splits import datalist_digest, labelled_datalist
-from scripts.engine.weights import file_digest, read_info
-from scripts.utils import errors, log
-from scripts.utils.cli import given_keys, given_value, none_overrides
+from scripts.tools.study_args import CONFIGS, TRAIN, add_study_arguments, check_study_arguments
+
+
+def parse(argv: Sequence[str]) -> tuple[argparse.ArgumentParser, argparse.Namespace, list[str]]:
+    """The study's command line ``argv`` checked: its parser, its arguments and the run arguments after ``--``."""
+    argv = list(argv)
+    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
+    parser = argparse.ArgumentParser(
+        prog="python -m scripts.tools.study",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="Cells: (1 from scratch + one per --pretrained file) x modes x budgets x folds, each a training and an "
+        "evaluation run; with the defaults 2 x 3 x 3 = 18 cells per initialisation (18 with no --pretrained file, "
+        "36 with one). Arguments after '--' go to every run, e.g. -- --epochs 20 --epoch_length 50.",
+    )
+    parser.add_argument("--pretrained", nargs="*", default=[], help="pretrained backbone files to compare")
+    parser.add_argument(
+        "--output_dir", default="runs/study", help="cells, results.csv, label_efficiency.png, mlruns.db"
+    )
+    add_study_arguments(parser)
+    args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    check_study_arguments(parser, args, extra)
+    return parser, args, extra
+
+
+if __name__ == "__main__":
+    parse(sys.argv[1:])  # --help and argument errors answer before numpy and MONAI are imported
+
+import numpy as np  # noqa: E402
+from monai.bundle import ConfigParser  # noqa: E402
+from scripts.data.demo import prepare_demo  # noqa: E402
+from scripts.data.splits import datalist_digest, labelled_datalist  # noqa: E402
+from scripts.engine.weights import file_digest, read_info  # noqa: E402
+from scripts.utils import errors, log  # noqa: E402
+from scripts.utils.cli import given_keys, given_value  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -63,12 +91,7 @@ __all__ = [
     "main",
 ]
 
-TRAIN = "configs/train.yaml"
 BUNDLE = Path(__file__).resolve().parents[2]  # where the study reads train.yaml's keys, wherever it is started from
-CONFIGS = {"finetune": [TRAIN], "linear": [TRAIN, "configs/linear_eval.yaml"]}
-# Keys the study sets for each run itself: given after '--', they would break the grid.
-OWN_KEYS = {"output_dir", "model_file", "num_train_cases", "fold", "pretrained_ckpt", "tracking", "run_name"}
-OWN_KEYS |= {"tracking_uri", "experiment_name", "warmup_epochs"}
 
 
 def args_digest(identity: dict) -> str:
@@ -385,41 +408,6 @@ def _log_summary(tracking: Tracking, root: Path, args: argparse.Namespace, extra
     client.set_terminated(run_id)
 
 
-def add_study_arguments(parser: argparse.ArgumentParser) -> None:
-    """The study's options, shared with :mod:`scripts.tools.compare`."""
-    parser.add_argument("--modes", nargs="+", default=["linear", "finetune"], choices=sorted(CONFIGS), help="protocols")
-    parser.add_argument("--budgets", nargs="+", type=int, default=[1, 2, 4], help="numbers of labelled scans")
-    parser.add_argument("--folds", nargs="+", type=int, default=[0, 1, 2], help="test folds (< num_folds, 3)")
-    parser.add_argument(
-        "--warmup_epochs",
-        type=int,
-        help="frozen-backbone epochs of the fine-tuning cells; unset: train.yaml's 50 (linear evaluation stays frozen)",
-    )
-    parser.add_argument("--tracking", choices=["mlflow"], help="one MLflow experiment: a run per cell, table and plot")
-
-
-def check_study_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace, extra: Sequence[str]) -> None:
-    """Stops (``parser.error``) on arguments that would fail or mislead only later, in some cell: budgets below 1,
-    folds outside ``[0, num_folds)``, a negative warm-up, ``--warmup_epochs`` or a key the study sets after ``--``,
-    and ``--key None`` (MONAI's command line would drop it)."""
-    if min(args.budgets) < 1:
-        parser.error(f"--budgets {' '.join(map(str, args.budgets))}: each budget is a number of labelled scans >= 1")
-    num_folds = int(extra[extra.index("--num_folds") + 1]) if "--num_folds" in extra[:-1] else 3  # train.yaml's
-    if min(args.folds) < 0 or max(args.folds) >= num_folds:
-        parser.error(f"--folds {' '.join(map(str, args.folds))}: each fold must be in 0..{num_folds - 1} (num_folds)")
-    if args.warmup_epochs is not None and args.warmup_epochs < 0:
-        parser.error(f"--warmup_epochs {args.warmup_epochs}: give a number of epochs >= 0")
-    if "--warmup_epochs" in extra:
-        parser.error("use the study's own --warmup_epochs: among the run arguments it would unfreeze linear evaluation")
-    own = sorted(given_keys(extra) & OWN_KEYS)
-    if own:
-        parser.error(
-            f"{', '.join('--' + k for k in own)}: set by the study for each cell; leave them out of the run args"
-        )
-    if none := none_overrides(list(extra)):
-        parser.error(f"--{none[0]} None: MONAI's command line would drop it and run the config's value")
-
-
 def study(
     args: argparse.Namespace, root: Path, datalist: str, extra: Sequence[str] = (), tracking: Tracking | None = None
 ) -> list[dict]:
@@ -438,23 +426,7 @@ def study(
 
 def main(argv: Sequence[str] | None = None) -> None:
     end_runs_with_this_process()
-    argv = list(sys.argv[1:] if argv is None else argv)
-    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
-    parser = argparse.ArgumentParser(
-        prog="python -m scripts.tools.study",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        epilog="Cells: (1 from scratch + one per --pretrained file) x modes x budgets x folds, each a training and an "
-        "evaluation run; with the defaults 2 x 3 x 3 = 18 cells per initialisation (18 with no --pretrained file, "
-        "36 with one). Arguments after '--' go to every run, e.g. -- --epochs 20 --epoch_length 50.",
-    )
-    parser.add_argument("--pretrained", nargs="*", default=[], help="pretrained backbone files to compare")
-    parser.add_argument(
-        "--output_dir", default="runs/study", help="cells, results.csv, label_efficiency.png, mlruns.db"
-    )
-    add_study_arguments(parser)
-    args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
-    check_study_arguments(parser, args, extra)
+    parser, args, extra = parse(sys.argv[1:] if argv is None else argv)
     for path in args.pretrained:
         if not Path(path).is_file():
             parser.exit(1, f"error: pretrained backbone {path} does not exist\n")

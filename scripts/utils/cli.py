@@ -13,9 +13,22 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from scripts.utils import errors
 from scripts.utils.errors import BundleError
 
-__all__ = ["given_keys", "given_value", "none_overrides", "refuse_none_overrides", "without"]
+__all__ = [
+    "PRESET_NAMES",
+    "given_keys",
+    "given_value",
+    "none_overrides",
+    "refuse_none_overrides",
+    "weight_file",
+    "without",
+]
+
+# The modality presets' names, for command lines that answer --help before MONAI is imported: the keys of
+# scripts.data.preprocessing.PRESETS (tests/test_first_hour.py keeps them equal).
+PRESET_NAMES = ("ct", "ct_wide", "mri")
 
 # What to type instead of None, for the keys whose None means something other than their default.
 _INSTEAD = {"projection_width": "--projection_width raw concatenates the raw pyramid levels (vox2vec)"}
@@ -41,7 +54,7 @@ def refuse_none_overrides(argv: Sequence[str] | None = None) -> None:
             ``monai/bundle/__main__.py``) is checked: a Python caller's overrides reach the config as they are.
     """
     argv = sys.argv if argv is None else argv
-    if not argv or Path(argv[0]).parts[-3:] != ("monai", "bundle", "__main__.py"):
+    if not _monai_bundle(argv):
         return
     for key in none_overrides(argv[1:]):
         instead = _INSTEAD.get(key, f"to keep the config's value of {key!r}, leave --{key} out")
@@ -49,6 +62,40 @@ def refuse_none_overrides(argv: Sequence[str] | None = None) -> None:
             f"--{key} None: MONAI's command line drops overrides whose value is None, so the config's value of "
             f"{key!r} would run instead. {instead[0].upper()}{instead[1:]}."
         )
+
+
+def _monai_bundle(argv: Sequence[str]) -> bool:
+    """Whether ``argv`` is MONAI's bundle command line (``python -m monai.bundle ...``)."""
+    return bool(argv) and Path(argv[0]).parts[-3:] == ("monai", "bundle", "__main__.py")
+
+
+def weight_file(model_file: str, argv: Sequence[str] | None = None) -> str:
+    """The weight file whose sidecar builds ``inference.json``'s network: ``model_file``, except under
+    ``python -m monai.bundle ckpt_export``, which loads its ``--ckpt_file`` and keeps that key from the config: there
+    it is the ``--ckpt_file`` (when given), so that the network is the one its tensors were trained in.
+
+    A programmatic ``monai.bundle.ckpt_export(ckpt_file=...)`` is not seen here: give it ``model_file=`` the same file.
+
+    Args:
+        model_file: the config's ``model_file``.
+        argv: the command line; default ``sys.argv``.
+
+    Raises:
+        BundleError: under ``ckpt_export``, when ``--model_file`` names another file than ``--ckpt_file`` (default
+            ``models/model.pt``), the file MONAI loads.
+    """
+    argv = sys.argv if argv is None else argv
+    if not _monai_bundle(argv) or list(argv[1:2]) != ["ckpt_export"]:
+        return model_file
+    errors.install()  # ckpt_export runs no `initialize`: a BundleError below is then one line, not a traceback
+    ckpt_file, given_model = given_value(argv[1:], "ckpt_file"), given_value(argv[1:], "model_file")
+    if given_model is not None and Path(given_model).resolve() != Path(ckpt_file or "models/model.pt").resolve():
+        raise BundleError(
+            f"--model_file {given_model} is not the file ckpt_export loads (--ckpt_file "
+            f"{ckpt_file or 'models/model.pt, its default'}): the network would be built from another file's "
+            f"sidecar than the weights it loads. Give the file once, as --ckpt_file {given_model}."
+        )
+    return model_file if ckpt_file is None else ckpt_file
 
 
 def given_keys(argv: Sequence[str]) -> set[str]:

@@ -19,6 +19,8 @@ __all__ = ["BundleError", "InputNotFoundError", "InvalidInputError", "find_bundl
 class BundleError(Exception):
     """A problem the user can fix: the message names the file or key, the problem and the remedy."""
 
+    prefix = "error"  # the word before the message on the last line of stderr
+
 
 class InputNotFoundError(BundleError, FileNotFoundError):
     """A file or folder the user named does not exist; also a FileNotFoundError, for callers that catch one."""
@@ -40,12 +42,16 @@ def find_bundle_error(error: BaseException | None) -> BundleError | None:
 
 
 def report(kind: type[BaseException], error: BaseException, tb: TracebackType | None) -> None:
-    """``sys.excepthook``: a BundleError's message alone (last line of stderr), anything else as Python would."""
+    """``sys.excepthook``: a BundleError's message alone (last line of stderr), a bare Ctrl-C as one line too,
+    anything else as Python would."""
     cause = find_bundle_error(error)
-    if cause is None or os.environ.get("DHR_TRACEBACK"):
+    interrupted = cause is None and isinstance(error, KeyboardInterrupt)
+    if (cause is None and not interrupted) or os.environ.get("DHR_TRACEBACK"):
         traceback.print_exception(kind, error, tb)
     if cause is not None:
-        print(f"error: {cause}", file=sys.stderr, flush=True)
+        print(f"{cause.prefix}: {cause}", file=sys.stderr, flush=True)
+    elif interrupted:
+        print("interrupted: stopped by Ctrl-C; rerun the same command to start again.", file=sys.stderr, flush=True)
 
 
 def install() -> None:

@@ -3,14 +3,18 @@ and any further files.
 
 The configs set ``run_name`` (:func:`pretrain_run_name`, :func:`downstream_run_name`; MONAI keeps a ``run_name`` the
 config has) and call :func:`record_config` on their handler lists before running: each ``MLFlowHandler`` then logs the
-executed config file as an artifact and its top-level keys as parameters. :func:`add_artifacts` adds files or folders
+executed config file as an artifact and its top-level keys as parameters (MONAI writes that file into the output
+folder; it is moved to a temporary folder, removed when the process ends). :func:`add_artifacts` adds files or folders
 that it uploads when its engine completes. Without tracking there is no such handler and nothing changes.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
+import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -68,6 +72,7 @@ def record_config(handlers: Iterable, output_dir: str | os.PathLike) -> None:
         config_file = executed_config(handler.artifacts, output_dir)
         if config_file is None:
             continue
+        config_file = _out_of_output_dir(config_file, output_dir)
         params = config_params(json.loads(config_file.read_text()))
         params.pop("save_execute_config", None)  # its file name changes with every start: the artifact says it
         # MLflow refuses to change a logged parameter, and the handler continues an unfinished run of the same name
@@ -78,6 +83,16 @@ def record_config(handlers: Iterable, output_dir: str | os.PathLike) -> None:
         handler.experiment_param = {**(handler.experiment_param or {}), **params}
         others = [a for a in handler.artifacts if a and executed_config([a], output_dir) is None]
         handler.artifacts = (*others, str(config_file))
+
+
+def _out_of_output_dir(config_file: Path, output_dir: str | os.PathLike) -> Path:
+    """``config_file`` (MONAI writes it into ``output_dir``) moved, under its name, into a temporary folder removed when
+    the process ends: the handler uploads it from there, and the run's folder keeps no stray copy."""
+    if config_file.parent.resolve() != Path(output_dir).resolve():
+        return config_file  # a file the user named (save_execute_config): left where it is
+    folder = tempfile.mkdtemp(prefix="dhr_config_")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return Path(shutil.move(config_file, Path(folder) / config_file.name))
 
 
 def add_artifacts(handlers: Iterable, *paths: str | os.PathLike) -> None:
