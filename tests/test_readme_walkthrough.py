@@ -141,7 +141,7 @@ STEPS = [
         "run evaluate",
         DOWNSTREAM,
         ("runs/train/model.", "data/demo/"),
-        ("runs/train/evaluation/",),
+        ("runs/train/evaluation/", "runs/train/run.lock"),  # it locks the folder of the model it reads while it runs
         tuple(f"runs/train/evaluation/{f}" for f in ("summary.json", "dice_raw.csv", "overlays/*")),
     ),
     Step(
