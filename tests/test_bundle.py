@@ -73,6 +73,6 @@ def test_readme_test_lines_are_what_ci_runs():
     section = readme.split("## Tests\n", 1)[1].split("\n## ", 1)[0]
     lines = re.findall(r"^.*python -m pytest.*$", section.split("```bash\n", 1)[1].split("```", 1)[0], re.M)
     assert lines[0] == "pip install -r requirements-dev.txt && python -m pytest -q"
-    assert lines[1:] == ["python -m pytest -q -m slow"]
+    assert lines[1:] == ["python -m pytest -q -m slow -n 0"]
     ci = (ROOT / ".ci/run").read_text().splitlines()
     assert lines[0] in ci and any(line.startswith(lines[1]) for line in ci), "CI runs both tiers"
