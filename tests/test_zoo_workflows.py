@@ -13,21 +13,9 @@ import pytest
 import torch
 from bundle import ROOT, monai_bundle_run
 from monai.bundle import ConfigWorkflow, create_workflow
+from test_train_bundle import TRAIN  # the tiny fine-tuning keys
 
 CONFIGS = ROOT / "configs"
-TRAIN = {
-    "patch_size": [16, 16, 8],
-    "base_channels": 4,
-    "num_scales": 3,
-    "num_classes": 2,
-    "num_folds": 5,
-    "epochs": 2,
-    "epoch_length": 2,
-    "val_interval": 1,
-    "volumes_per_batch": 2,
-    "num_workers": 0,
-    "progress": False,
-}
 PRETRAIN = {
     "patch_size": [16, 16, 8],
     "base_channels": 4,
