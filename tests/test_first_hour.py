@@ -199,3 +199,14 @@ def test_tracking_leaves_no_config_file_in_the_output_folder(tmp_path):
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["config_20260101_120000.json"]
     assert run.data.params["epochs"] == "2"
+
+
+def test_a_logged_fine_tuning_prints_plain_lines_without_bars_or_untrue_resume_lines(tmp_path, capfd):
+    from test_train_bundle import train, write_cases
+
+    write_cases(tmp_path / "data")
+    log = train(tmp_path, progress=True, log_interval=1).log
+    err = capfd.readouterr().err  # not a terminal, as when the output goes to a log file
+    assert "Loading dataset" not in err and "\r" not in err  # MONAI's caching bars: on a terminal only
+    assert "Epoch 2/2, iteration 2/2: loss " in err  # the progress as plain lines
+    assert "Engine run resuming from" not in log  # ignite's, for every engine of a run that does not resume

@@ -1,16 +1,19 @@
-"""How a pretraining run ends (issue 20, items 2, 3, 7): Ctrl-C and SIGTERM end it with one line naming the newest
-checkpoint and the command that resumes it; a rerun of a finished run says it is complete and changes nothing; the
-run's lock file is gone once it ends."""
+"""How a run ends (issue 20, items 2, 3, 7): Ctrl-C and SIGTERM end a pretraining with one line naming the newest
+checkpoint and the command that resumes it, a fine-tuning with one naming the model it saved, an evaluation with one
+saying how far it got; a rerun of a finished run says it is complete and changes nothing; the run's lock file is gone
+once it ends."""
 
+import json
 import os
 import signal
 from pathlib import Path
 
 import pytest
-from bundle import monai_bundle_run
+from bundle import ROOT, monai_bundle_run, run_workflow
 from scripts.engine.runs import RunInterruptedError, RunLock, unlock_output_dir
 from scripts.utils import errors
 from test_pretrain_bundle import TINY, write_volumes
+from test_train_bundle import TRAIN, write_cases
 
 # Sends this process `signum` when iteration 4 completes (after the checkpoint of iteration 2), as Ctrl-C or a
 # scheduler's kill would. (`torch.os` is `os`: MONAI parses any expression holding the word "import" as an import.)
@@ -19,6 +22,15 @@ stop: "$lambda engine: torch.os.kill(torch.os.getpid(), {signum})"
 pretrain:
   - $@train#trainer.add_event_handler(monai.engines.workflow.Events.ITERATION_COMPLETED(once=4), @stop)
   - '%configs/pretrain.yaml#pretrain'
+"""
+
+
+# The same for a downstream workflow, whose last step is `run_id` of `config`.
+DOWNSTREAM_SIGNAL = """
+stop: "$lambda engine: torch.os.kill(torch.os.getpid(), {signum})"
+{run_id}:
+  - $@{engine}.add_event_handler(monai.engines.workflow.Events.ITERATION_COMPLETED(once={once}), @stop)
+  - '%{config}#{run_id}'
 """
 
 
@@ -98,3 +110,42 @@ def test_a_bare_ctrl_c_is_one_line(capsys):
     ]
     errors.report(RunInterruptedError, RunInterruptedError("SIGTERM: run stopped; ..."), None)
     assert capsys.readouterr().err.splitlines() == ["interrupted: SIGTERM: run stopped; ..."]
+
+
+def interrupt(tmp: Path, signum: int, run_id: str, engine: str, once: int, configs: list[str], **keys) -> str:
+    """Runs `configs` in this process with `signum` sent when iteration `once` completes; the one line it ends with."""
+    overlay = tmp / f"signal_{run_id}.yaml"
+    text = DOWNSTREAM_SIGNAL.format(
+        signum=int(signum), run_id=run_id, engine=engine, once=once, config=ROOT / configs[-1]
+    )
+    overlay.write_text(text)
+    run = run_workflow(None if run_id == "run" else run_id, [*configs, str(overlay)], fails=True, **keys)
+    cause = errors.find_bundle_error(run.error)
+    assert isinstance(cause, RunInterruptedError), run.error
+    assert "Traceback" not in run.log
+    return f"interrupted: {cause}"
+
+
+def test_an_interrupted_fine_tuning_names_the_model_it_saved_and_an_evaluation_how_far_it_got(tmp_path):
+    write_cases(tmp_path / "data")
+    out = tmp_path / "out"
+    paths = {"dataset_dir": tmp_path / "data", "output_dir": out, "bundle_root": tmp_path}
+    # 2 iterations per epoch, validation after each: SIGTERM in epoch 2, after epoch 1's validation saved model.pt
+    line = interrupt(tmp_path, signal.SIGTERM, "run", "train#trainer", 3, ["configs/train.yaml"], **TRAIN, **paths)
+    assert line.startswith(
+        f"interrupted: SIGTERM: training stopped in epoch 2; {out / 'model.pt'} holds the best "
+        "validation so far (epoch 1, val_mean_dice "
+    ), line
+    assert line.endswith("Training does not resume: rerun the same command to train again.")
+    assert json.loads((out / "model.json").read_text())["epoch"] == 1  # not overwritten as "final" weights
+    assert not (out / "run.lock").exists()
+
+    evaluate = ["configs/train.yaml", "configs/evaluate.yaml"]
+    line = interrupt(tmp_path, signal.SIGINT, "evaluate", "evaluator", 1, evaluate, **TRAIN, **paths)
+    assert line == "interrupted: Ctrl-C: stopped after 1 of 1 cases. Rerun the same command to do them all."
+    assert not (out / "evaluation" / "summary.json").exists() and not (out / "run.lock").exists()
+
+    without_validation = {**TRAIN, **paths, "num_val_cases": 0}
+    line = interrupt(tmp_path, signal.SIGINT, "run", "train#trainer", 1, ["configs/train.yaml"], **without_validation)
+    assert f"training stopped in epoch 1; no model was saved ({out / 'model.pt'} is written at " in line
+    assert not (out / "model.pt").exists()

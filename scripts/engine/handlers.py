@@ -31,6 +31,7 @@ __all__ = [
     "GradientClipping",
     "NonFiniteLossError",
     "NonFiniteLossGuard",
+    "dataset_progress",
     "ProgressBar",
     "ExportBackbone",
 ]
@@ -172,6 +173,12 @@ class NonFiniteLossGuard:
             "Rerun the same command to resume from it. If it happens again at the same point, look for volumes with "
             "extreme or non-finite intensities, or train with a lower --learning_rate."
         )
+
+
+def dataset_progress(progress: bool) -> bool:
+    """Whether a dataset shows MONAI's caching bar: with ``progress``, on a terminal only, since in a log file tqdm's
+    ``\\r`` updates land between the log lines (:class:`ProgressBar` prints plain lines there instead)."""
+    return bool(progress) and sys.stderr.isatty()
 
 
 class ProgressBar:

@@ -11,7 +11,8 @@ checkpoints of an equal identity. Layout of ``<output_dir>``::
     checkpoints_old/                    the previous run's checkpoints and run.json, set aside by --resume False
 
 A checkpoint holds the state dicts, the global random states and the identity; it is written under a temporary name,
-flushed and renamed, and only then are older ones deleted.
+flushed and renamed, and only then are older ones deleted. Every workflow runs its engine through
+:func:`run_stoppable`, so that Ctrl-C or SIGTERM ends it with one line saying what was saved and what to run next.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
+from scripts.engine.weights import sidecar
 from scripts.utils.distributed import is_main, unwrap, world_size
 from scripts.utils.errors import BundleError
 
@@ -51,6 +53,8 @@ __all__ = [
     "lock_output_dir",
     "unlock_output_dir",
     "RunInterruptedError",
+    "run_stoppable",
+    "run_downstream",
     "RunFolder",
     "CheckpointSaver",
     "CheckpointLoader",
@@ -265,6 +269,86 @@ class _QuietResume(logging.Filter):
         return not record.getMessage().startswith("Engine run resuming from")
 
 
+_QUIET_RESUME = _QuietResume()
+
+
+def run_stoppable(engine: Engine) -> int | None:
+    """Runs ``engine`` so that Ctrl-C or SIGTERM stops it instead of raising through ignite and MONAI's tracebacks,
+    without ignite's ``Engine run resuming from iteration 0`` lines (see :class:`_QuietResume`).
+
+    In a 1-process run the signal stops the engine after the current iteration, without firing ``EPOCH_COMPLETED`` or
+    ``COMPLETED`` (no validation, export or final save of a half-finished run); under torchrun it stops at once, as
+    other ranks may be waiting inside a collective. A second Ctrl-C stops at once too.
+
+    Returns:
+        The signal that stopped the run, or None when it ran to its end.
+    """
+    stopped: list[int] = []
+
+    def stop(signum: int, frame: Any) -> None:
+        stopped.append(signum)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        if world_size() > 1:
+            raise KeyboardInterrupt
+        engine.should_terminate = "skip_completed"  # ignite's terminate(skip_completed=True), unlogged
+
+    for name in list(logging.root.manager.loggerDict):  # the engine's, and those of the evaluators it runs
+        if name.startswith("ignite.engine.engine."):
+            logging.getLogger(name).addFilter(_QUIET_RESUME)
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in previous:
+        signal.signal(s, stop)
+    try:
+        engine.run()
+    except KeyboardInterrupt:
+        return stopped[0] if stopped else signal.SIGINT
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return stopped[0] if stopped else None
+
+
+def _signal_name(signum: int) -> str:
+    return "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+
+
+def run_downstream(engine: Engine, output_dir: str | os.PathLike, model_file: str | os.PathLike | None = None) -> None:
+    """Runs a downstream workflow's engine (its last step, see :func:`run_stoppable`), then removes the lock that
+    :func:`lock_output_dir` took.
+
+    Ctrl-C or SIGTERM ends the workflow with a :class:`RunInterruptedError` saying what it leaves: for training (with
+    ``model_file``, the file it writes), the model of the best validation so far or that none was saved; for an
+    evaluation or inference, how many of the cases were done. Downstream runs do not resume: the message says to rerun.
+
+    Raises:
+        RunInterruptedError: on Ctrl-C or SIGTERM.
+    """
+    try:
+        stopped = run_stoppable(engine)
+    finally:
+        unlock_output_dir(output_dir)
+    if stopped is None:
+        return
+    state = engine.state
+    if model_file is None:
+        done = f"stopped after {state.iteration} of {state.epoch_length} cases"  # 1-process workflows
+        raise RunInterruptedError(f"{_signal_name(stopped)}: {done}. Rerun {resume_command()} to do them all.")
+    path = Path(model_file)
+    info = json.loads(sidecar(path).read_text()) if path.is_file() and sidecar(path).is_file() else {}
+    selected = info.get("selected")
+    if isinstance(selected, dict):
+        saved = (
+            f"{path} holds the best validation so far (epoch {info['epoch']}, {selected['metric']} "
+            f"{selected['value']:.4f})"
+        )
+    else:
+        saved = f"no model was saved ({path} is written at each best validation, or at the end without validation)"
+    raise RunInterruptedError(
+        f"{_signal_name(stopped)}: training stopped in epoch {state.epoch}; {saved}. Training does not resume: "
+        f"rerun {resume_command()} to train again."
+    )
+
+
 class RunFolder:
     """
     The output folder of one pretraining run: lock, identity, and which checkpoint (if any) the run resumes.
@@ -332,36 +416,15 @@ class RunFolder:
         try:
             if self.complete:
                 return
-            trainer.logger.addFilter(_QuietResume())
-            stopped: list[int] = []
-
-            def stop(signum: int, frame: Any) -> None:
-                stopped.append(signum)
-                signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
-                if world_size() > 1:  # the other ranks may be inside a collective: stop every one now
-                    raise KeyboardInterrupt
-                trainer.should_terminate = "skip_completed"  # ignite's terminate(skip_completed=True), unlogged
-
-            previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-            for s in previous:
-                signal.signal(s, stop)
-            try:
-                trainer.run()
-            except KeyboardInterrupt as err:
-                if not stopped:
-                    stopped.append(signal.SIGINT)
-                raise RunInterruptedError(self._interrupted(stopped[0])) from err
-            finally:
-                for s, handler in previous.items():
-                    signal.signal(s, handler)
-            if stopped:
-                raise RunInterruptedError(self._interrupted(stopped[0]))
+            stopped = run_stoppable(trainer)
+            if stopped is not None:
+                raise RunInterruptedError(self._interrupted(stopped))
         finally:
             if is_main():
                 RunLock(self.output_dir / "run.lock").release()
 
     def _interrupted(self, signum: int) -> str:
-        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        name = _signal_name(signum)
         found = checkpoints(self.checkpoint_dir)
         if found:
             iteration = int(_CHECKPOINT.fullmatch(found[0].name).group(1))
