@@ -193,6 +193,52 @@ def test_a_pretraining_step_reads_the_device_once_at_most_except_every_log_inter
     assert all(reads[i] > 1 for i in logged), f"the count sees the log steps' reads: {reads}"
 
 
+# Operations whose output shape depends on tensor values: on a GPU each makes the host wait for the device.
+DATA_DEPENDENT_SHAPES = {"nonzero", "masked_select", "unique", "_unique2", "unique_consecutive", "unique_dim"}
+
+
+@pytest.mark.parametrize("method", ["dhr", "vox2vec", "pcrl"])
+def test_no_op_of_a_pretraining_step_has_a_data_dependent_shape(tmp_path, method):
+    """Every aten operation of each method's step (augmentation, forward, loss, backward, optimiser; the batch fetch
+    aside), seen through a dispatch mode: the implicit syncs that counting host reads cannot see (a boolean mask
+    index calls nonzero)."""
+    from monai.bundle import ConfigWorkflow
+    from test_pretrain_bundle import write_volumes
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    write_volumes(tmp_path / "data", count=1)
+    overrides = {"vox2vec": ["configs/pretrain_vox2vec.yaml"], "pcrl": ["configs/pretrain_pcrl.yaml"]}
+    workflow = ConfigWorkflow(
+        [str(ROOT / c) for c in ["configs/pretrain.yaml", *overrides.get(method, [])]],
+        logging_file=False,
+        run_id="pretrain",
+        **{"patch_size": [16, 16, 8], "base_channels": 4, "num_scales": 3, "pairs_per_volume": 2},
+        **{"voxels_per_pair": 32, "epochs": 1, "epoch_length": 2, "num_workers": 0, "progress": False},
+        **{"dataset_dir": str(tmp_path / "data"), "output_dir": str(tmp_path / "out"), "bundle_root": str(tmp_path)},
+    )
+    workflow.initialize()
+    trainer = workflow.parser.get_parsed_content("train#trainer")
+    in_step, found = [False], set()
+    trainer.add_event_handler(Events.ITERATION_STARTED, lambda _: in_step.__setitem__(0, True))
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda _: in_step.__setitem__(0, False))
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func._schema.name.split("::")[-1]
+            indices = args[1] if func in (torch.ops.aten.index.Tensor, torch.ops.aten.index_put_.default) else ()
+            if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices):
+                name = f"{name} with a boolean mask"
+            if in_step[0] and (name in DATA_DEPENDENT_SHAPES or "boolean" in name):
+                found.add(name)
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        workflow.run()
+    workflow.finalize()
+    assert trainer.state.iteration == 2
+    assert not found, f"data-dependent shapes in the step: {sorted(found)}"
+
+
 @pytest.fixture
 def restore_determinism(monkeypatch):
     """Restores what `set_determinism` changes process-wide: deterministic mode, cuDNN flags, cuBLAS variable."""

@@ -49,7 +49,8 @@ class LocalAugmentations:
     All randomness comes from the `generator` passed to the call (default: torch's default generator of the images'
     device), so the same generator state reproduces the output where PyTorch runs deterministically (one CPU thread,
     or `torch.use_deterministic_algorithms(True)`); otherwise which of several writes to one voxel stays (overlapping
-    blocks or boxes) may vary between runs.
+    blocks) may vary between runs. No step depends on a value read back to the host: the number of drawn patches and
+    boxes never sets a tensor's shape, so the augmentations run on a GPU without a device synchronisation.
 
     Args:
         shuffle_prob: probability that a patch gets local pixel shuffling.
@@ -134,11 +135,7 @@ class LocalAugmentations:
         """
         batch, voxels = images.shape
         device = images.device
-        drawn = torch.rand(batch, device=device, generator=generator) < self.bezier_prob
-        skipped = torch.nonzero(~drawn).squeeze(1)
-        if skipped.numel() == batch:
-            out.copy_(images)
-            return
+        drawn = (torch.rand(batch, device=device, generator=generator) < self.bezier_prob).unsqueeze(1)
         size = self.LUT_SIZE
         # Half-precision types cannot hold table positions up to LUT_SIZE - 1 exactly: compute those in float32.
         work = torch.promote_types(images.dtype, torch.float32)
@@ -149,18 +146,15 @@ class LocalAugmentations:
         # over the batch, whose 4-byte temporaries of the batch's size are allocated afresh (page faults) each call.
         strip = max(1, self.CPU_STRIP // batch) if device.type == "cpu" else voxels
         for first in range(0, voxels, strip):
-            # Every patch is remapped (fewer passes than gathering the drawn ones); skipped ones are restored below.
-            target = out[:, first : first + strip]
-            pos = images[:, first : first + strip].to(work)
-            pos = torch.clamp(pos, 0.0, 1.0, out=target if work == target.dtype else None)
+            # Every patch is remapped and the undrawn ones then take their input back: selecting the drawn ones would
+            # need their number on the host (a device sync).
+            target, source = out[:, first : first + strip], images[:, first : first + strip]
+            pos = torch.clamp(source.to(work), 0.0, 1.0)
             pos.mul_(size - 1)  # intensity in table steps: integer part = table entry, fraction = weight
             index = pos.to(torch.int32).add_(table_start).view(-1)
             pos.frac_().mul_(slopes.index_select(0, index).view_as(pos))
             pos.add_(values.index_select(0, index).view_as(pos))
-            if pos is not target:
-                target.copy_(pos)
-        if skipped.numel() > 0:
-            out.index_copy_(0, skipped, images.index_select(0, skipped))
+            target.copy_(torch.where(drawn, pos, source))
 
     def _bezier_tables(self, control: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """
@@ -199,21 +193,23 @@ class LocalAugmentations:
     ) -> None:
         """Permute the voxels of random blocks within each drawn patch of `out` (B, N), in place."""
         batch, device = out.shape[0], out.device
-        drawn = torch.nonzero(torch.rand(batch, device=device, generator=generator) < self.shuffle_prob).squeeze(1)
+        drawn = torch.rand(batch, device=device, generator=generator) < self.shuffle_prob
         count = self.shuffle_blocks
-        if drawn.numel() == 0 or count == 0:
+        if count == 0:
             return
         block = [max(1, side // self.shuffle_block_divisor) for side in spatial]
         strides = (spatial[1] * spatial[2], spatial[2], 1)
         # int32 where the batch allows: the sort and the gather are faster; index_copy_ needs int64.
         dtype = torch.int32 if out.numel() < 2**31 else torch.int64
-        # Flat index of every block's first voxel in the whole (B, N) batch.
-        start = (drawn.to(dtype) * out.shape[1]).unsqueeze(1).expand(-1, count).clone()
+        # Flat index of every block's first voxel in the whole (B, N) batch, in every patch: selecting the drawn
+        # patches would need their number on the host (a device sync); the undrawn ones' blocks are left in place.
+        start = (torch.arange(batch, device=device, dtype=dtype) * out.shape[1]).unsqueeze(1).expand(-1, count).clone()
         for side, size, stride in zip(spatial, block, strides, strict=True):
-            shape = (drawn.numel(), count)
+            shape = (batch, count)
             start += torch.randint(0, side - size + 1, shape, device=device, dtype=dtype, generator=generator) * stride
         # Visiting the blocks in memory order makes the gather and scatter below several times faster on a CPU.
         start = start.view(-1).sort().values
+        shuffled_patch = drawn[torch.div(start, out.shape[1], rounding_mode="floor").long()]
         offsets = self._block_offsets(block, strides, device)
         blocks, volume = start.numel(), offsets.numel()
         # Block i (in memory order) takes permutation i % pool; the pool is drawn afresh, so each block's
@@ -222,10 +218,11 @@ class LocalAugmentations:
         rows = -(-blocks // pool)
         permuted = offsets[torch.rand(pool, volume, device=device, generator=generator).argsort(dim=1)].to(dtype)
         padded = torch.nn.functional.pad(start, (0, rows * pool - blocks))
-        source = (padded.view(rows, pool, 1) + permuted).view(-1)[: blocks * volume]
+        source = (padded.view(rows, pool, 1) + permuted).view(-1, volume)[:blocks]
+        target = start.long().unsqueeze(1) + offsets
+        source = torch.where(shuffled_patch.unsqueeze(1), source, target.to(dtype)).view(-1)
         flat = out.view(-1)
-        shuffled = flat.index_select(0, source)
-        flat.index_copy_(0, (start.long().unsqueeze(1) + offsets).view(-1), shuffled)
+        flat.index_copy_(0, target.view(-1), flat.index_select(0, source))
 
     @staticmethod
     def _block_offsets(block: list[int], strides: tuple[int, int, int], device: torch.device) -> torch.Tensor:
@@ -261,23 +258,25 @@ class LocalAugmentations:
         """Fill random boxes of every patch of `out` (B, N) with uniform noise, in place."""
         if self.inpaint_max_boxes == 0:
             return
-        start, size, present = self._sample_boxes(out.shape[0], spatial, out.device, generator)
-        patch, box = torch.nonzero(present, as_tuple=True)
-        if patch.numel() == 0:
-            return
-        start, size = start[patch, box], size[patch, box]  # (M, 3) for the M present boxes
-        # Each box is enumerated on the grid of the largest possible box and the voxels beyond its own size are
-        # dropped: cheaper than a dense (B, X, Y, Z) union mask, since the boxes cover a few percent of the batch.
+        batch = out.shape[0]
+        start, size, present = self._sample_boxes(batch, spatial, out.device, generator)
+        # Every box, present or not, is enumerated on the grid of the largest possible box and marks the voxels within
+        # its own size in a mask of the batch: a static-shaped computation (selecting the present boxes or voxels would
+        # need their number on the host, a device sync), much smaller than one pass per box over the batch.
         strides = (spatial[1] * spatial[2], spatial[2], 1)
         coords, inside = [], []
         for axis, (side, stride) in enumerate(zip(spatial, strides, strict=True)):
             step = torch.arange(min(side, max(1, math.ceil(self.inpaint_size[1] * side))), device=out.device)
-            coords.append((start[:, axis, None] + step) * stride)
-            inside.append(step < size[:, axis, None])
-        coords[0] += (patch * out.shape[1]).unsqueeze(1)
-        index = coords[0][:, :, None, None] + coords[1][:, None, :, None] + coords[2][:, None, None, :]
-        inside = inside[0][:, :, None, None] & inside[1][:, None, :, None] & inside[2][:, None, None, :]
-        index = index.masked_select(inside)
-        # Overlapping boxes write one voxel more than once; every write is uniform noise, so any one may stay.
-        noise = torch.rand(index.numel(), dtype=out.dtype, device=out.device, generator=generator)
-        out.view(-1).index_copy_(0, index, noise)
+            # (B, K, steps); past the patch's side only where outside the box's own size, so clamped harmlessly
+            coords.append((start[..., axis, None] + step).clamp_(max=side - 1) * stride)
+            inside.append(step < size[..., axis, None])
+        coords[0] += (torch.arange(batch, device=out.device) * out.shape[1]).view(batch, 1, 1)
+        index = coords[0][..., :, None, None] + coords[1][..., None, :, None] + coords[2][..., None, None, :]
+        inside = inside[0][..., :, None, None] & inside[1][..., None, :, None] & inside[2][..., None, None, :]
+        inside &= present[..., None, None, None]
+        # The voxels outside every box mark a spare last element, so that every write is the same `True`: the mask
+        # does not depend on the order of overlapping writes.
+        covered = torch.zeros(out.numel() + 1, dtype=torch.bool, device=out.device)
+        covered[torch.where(inside, index, out.numel()).view(-1)] = True
+        noise = torch.rand(out.shape, dtype=out.dtype, device=out.device, generator=generator)
+        torch.where(covered[:-1].view_as(out), noise, out, out=out)

@@ -3,6 +3,7 @@ device."""
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -143,6 +144,7 @@ class Vox2VecAugmentations:
         self.blur_sigma = (float(blur_sigma[0]), float(blur_sigma[1]))
         self.sharpen_sigma = (float(sharpen_sigma[0]), float(sharpen_sigma[1]))
         self.sharpen_inner_sigma = float(sharpen_inner_sigma)
+        self.max_sigma = max(self.blur_sigma[1], self.sharpen_sigma[1], self.sharpen_inner_sigma)
         self.sharpen_alpha = (float(sharpen_alpha[0]), float(sharpen_alpha[1]))
         self.noise_prob = noise_prob
         self.window_prob = window_prob
@@ -203,22 +205,14 @@ class Vox2VecAugmentations:
         # The window's affine map commutes with the blur and the sharpening (their kernels sum to 1) and only scales
         # the noise, so it is applied first, fused with the copy of the input; its clipping must come last.
         out = torch.addcmul(-window[:, :1] * scale, images.as_subclass(torch.Tensor), scale)
-        filtered = torch.nonzero(params.sigma > 0).squeeze(1)
-        if filtered.numel() > 0:
-            blurred = self._gaussian_blur(out.index_select(0, filtered)[:, 0], params.sigma[filtered])
-            alpha = params.alpha[filtered]
-            sharpened = torch.nonzero(alpha > 0).squeeze(1)
-            if sharpened.numel() > 0:
-                base = blurred.index_select(0, sharpened)
-                inner = params.sigma.new_full((len(sharpened),), self.sharpen_inner_sigma)
-                detail = base - self._gaussian_blur(base, inner)
-                blurred.index_add_(0, sharpened, detail.mul_(alpha[sharpened].to(work).view(-1, 1, 1, 1)))
-            out.index_copy_(0, filtered, blurred.unsqueeze(1))
-        noisy = torch.nonzero(params.noise_sigma > 0).squeeze(1)
-        if noisy.numel() > 0:
-            sigma = params.noise_sigma[noisy].to(work).view(-1, 1, 1, 1, 1) * scale[noisy]
-            noise = torch.randn((noisy.numel(), *out.shape[1:]), dtype=work, device=out.device, generator=generator)
-            out.index_add_(0, noisy, noise.mul_(sigma))
+        # Every patch is filtered and noised, those not drawn with sigma 0 (an identity filter, no noise): selecting
+        # the drawn ones would need their number on the host (a device sync).
+        blurred = self._gaussian_blur(out[:, 0], params.sigma)
+        inner = params.sigma.new_full(params.sigma.shape, self.sharpen_inner_sigma)
+        detail = blurred - self._gaussian_blur(blurred, inner)
+        out = blurred.add_(detail.mul_(params.alpha.to(work).view(-1, 1, 1, 1))).unsqueeze(1)
+        sigma = params.noise_sigma.to(work).view(-1, 1, 1, 1, 1) * scale
+        out.add_(torch.randn(out.shape, dtype=work, device=out.device, generator=generator).mul_(sigma))
         return out.clamp_(0.0, 1.0).to(images.dtype)
 
     def _gaussian_blur(self, patches: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -232,17 +226,19 @@ class Vox2VecAugmentations:
 
         Args:
             patches: (M, X, Y, Z) floating point patches.
-            sigma: (M,) float64 sigmas in voxels, > 0.
+            sigma: (M,) float64 sigmas in voxels, >= 0 (0: the patch unchanged), at most ``max_sigma``.
 
         Returns:
             a new (M, X, Y, Z) tensor.
         """
         batch, size_x, size_y, _ = patches.shape
-        # One kernel width for all patches (the widest); each kernel is zero beyond its own scipy truncation radius.
+        # One kernel width for all patches, the widest that the sigmas' ranges allow (a width read from the drawn
+        # sigmas would be a device sync); each kernel is zero beyond its own scipy truncation radius.
         radius = torch.floor(self.TRUNCATE * sigma + 0.5)
-        width = int(radius.max())
+        width = math.floor(self.TRUNCATE * self.max_sigma + 0.5)
         offsets = torch.arange(-width, width + 1, device=sigma.device, dtype=torch.float64)
-        kernels = torch.exp(-0.5 * (offsets / sigma[:, None]) ** 2) * (offsets.abs() <= radius[:, None])
+        gauss = torch.exp(-0.5 * (offsets / sigma[:, None].clamp_min(1e-12)) ** 2)  # sigma 0: 1 at 0, else 0
+        kernels = gauss * (offsets.abs() <= radius[:, None])
         kernels = kernels / kernels.sum(dim=1, keepdim=True)
         along_x = self._filter_matrices(kernels, size_x).to(patches.dtype)
         out = torch.bmm(along_x, patches.reshape(batch, size_x, -1)).view_as(patches)
