@@ -153,6 +153,7 @@ def test_a_missing_model_file_names_the_command_that_makes_one(tmp_path):
 
 
 COMMANDS = [
+    "scripts.data.cache",
     "scripts.import_weights",
     "scripts.tools.study",
     "scripts.tools.compare",

@@ -70,7 +70,7 @@ from scripts.data import preprocessing as _preprocessing  # noqa: E402
 from scripts.data.preprocessing import PRESETS, VolumeWarning, load_datalist, preprocessing  # noqa: E402
 from scripts.utils import errors, log  # noqa: E402
 from scripts.utils.distributed import is_main  # noqa: E402
-from scripts.utils.errors import BundleError, out_of_space  # noqa: E402
+from scripts.utils.errors import BundleError, OutOfSpaceError, out_of_space  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -335,7 +335,11 @@ class _Preparation(torch.utils.data.Dataset):
                 "scaling), so there is nothing to learn from it."
             )
         arrays = (None, None) if meta["skipped"] else (image, body)
-        return self._status(write_entry(self.folder, name, meta, *arrays), meta, built=True, damaged=damaged)
+        try:
+            entry = write_entry(self.folder, name, meta, *arrays)
+        except OutOfSpaceError as e:  # raised by the caller: a loader's worker would turn it into a traceback
+            return {"error": "", "out_of_space": str(e)}
+        return self._status(entry, meta, built=True, damaged=damaged)
 
     @staticmethod
     def _status(entry: Path, meta: dict, built: bool, damaged: str) -> dict:
@@ -447,6 +451,8 @@ def prepare_volumes(
     # disable=None: a bar on a terminal only, no carriage returns in a log file
     statuses = list(tqdm(loader, total=len(datalist), desc="cache", unit="volume", disable=None if progress else True))
     seconds = time.monotonic() - start
+    if full := [s["out_of_space"] for s in statuses if "out_of_space" in s]:
+        raise OutOfSpaceError(full[0])
     files = [item["image"] for item in datalist]
     # our checks name the file already; a reader's error (e.g. a truncated gzip stream) gets it in front
     errors = [
