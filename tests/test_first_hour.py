@@ -200,3 +200,14 @@ def test_tracking_leaves_no_config_file_in_the_output_folder(tmp_path):
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["config_20260101_120000.json"]
     assert run.data.params["epochs"] == "2"
+
+
+def test_the_cache_command_defaults_are_pretrainings():
+    from monai.bundle import ConfigParser
+    from scripts.data.cache import build_parser
+
+    parser = ConfigParser()
+    parser.read_config(ROOT / "configs/pretrain.yaml")
+    defaults = vars(build_parser().parse_args(["x"]))
+    assert (defaults["modality"], defaults["patch_size"]) == (parser["modality"], parser["patch_size"])
+    assert parser["cache_dir"] == "$@bundle_root + '/" + defaults["cache_dir"] + "'"
