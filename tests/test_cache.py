@@ -1,14 +1,24 @@
-"""The preprocessed-volume cache: entries, keys, atomic writes, and the per-file checks of bad input (issue 10)."""
+"""The preprocessed-volume cache: entries, keys, atomic writes, the per-file checks of bad input (issue 10), and
+damaged entries, other hosts' temporaries and the wait of the ranks other than 0 (issue 16)."""
 
 import json
 import logging
 import os
 import re
+import time
 import warnings
 
 import numpy as np
 import pytest
-from scripts.data.cache import cache_folder, open_volume, prepare_volumes
+from scripts.data import cache
+from scripts.data.cache import (
+    CacheWarning,
+    cache_folder,
+    definition_digest,
+    open_volume,
+    prepare_volumes,
+    wait_for_entries,
+)
 from scripts.data.preprocessing import VolumeWarning, preprocessing
 from scripts.utils.errors import BundleError
 from test_data import _phantom, _save
@@ -67,15 +77,91 @@ def test_transform_and_dataset_have_their_own_folders(tmp_path):
     assert len(folders) == 4
 
 
-def test_a_killed_writer_leaves_no_entry_and_its_leftover_is_removed(tmp_path):
+def test_only_this_hosts_stale_temporaries_are_removed(tmp_path):
     file = _save(_phantom()[0], tmp_path / "case.nii.gz")
     (entry,) = _prepare(tmp_path, [file])
-    folder = os.path.dirname(entry)
-    name = os.path.basename(entry)
-    os.rename(entry, f"{folder}/.tmp-999999999-{name}")  # as if its writer died before the rename
-    os.remove(f"{folder}/.tmp-999999999-{name}/meta.json")
+    folder, name = os.path.split(entry)
+    stale = time.time() - 2 * cache.STALE_S
+    temporaries = {  # as if their writers died before the rename; pids no process has
+        "this host, stale": (f".tmp-{cache._HOST}-999999999-{name}", stale),
+        "this host, recent": (f".tmp-{cache._HOST}-999999998-{name}", time.time()),
+        "another host, stale": (f".tmp-{cache._HOST}x-999999999-{name}", stale),  # its writer may be alive
+    }
+    for leftover, mtime in temporaries.values():
+        os.mkdir(f"{folder}/{leftover}")
+        os.utime(f"{folder}/{leftover}", (mtime, mtime))
     assert _prepare(tmp_path, [file]) == [entry]
-    assert os.listdir(folder) == [name]
+    kept = [temporaries[k][0] for k in ("this host, recent", "another host, stale")]
+    assert sorted(os.listdir(folder)) == sorted([name, *kept])
+
+
+def _damage(entry, how):
+    if how == "cut image.npy":
+        with open(os.path.join(entry, "image.npy"), "r+b") as f:
+            f.truncate(os.path.getsize(f.name) - 100)
+    elif how == "broken meta.json":
+        with open(os.path.join(entry, "meta.json"), "a") as f:
+            f.write("}{")
+    else:
+        os.remove(os.path.join(entry, "body.npy"))
+
+
+@pytest.mark.parametrize("how", ["cut image.npy", "broken meta.json", "missing body.npy"])
+def test_a_damaged_entry_is_named_and_built_again_once(tmp_path, how):
+    file = _save(_phantom()[0], tmp_path / "case.nii.gz")
+    (entry,) = _prepare(tmp_path, [file])
+    expected = open_volume(entry, in_memory=True)
+    _damage(entry, how)
+    named = rf"Cache entry {re.escape(entry)} of {re.escape(file)} is damaged \(.*{how.split()[1]}"
+    with pytest.warns(CacheWarning, match=named):
+        assert _prepare(tmp_path, [file]) == [entry]
+    for key, array in open_volume(entry).items():
+        np.testing.assert_array_equal(array, expected[key])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CacheWarning)
+        assert _prepare(tmp_path, [file]) == [entry], "built once: the next run uses it"
+
+
+def test_an_entry_damaged_during_training_is_named(tmp_path):
+    file = _save(_phantom()[0], tmp_path / "case.nii.gz")
+    (entry,) = _prepare(tmp_path, [file])
+    _damage(entry, "cut image.npy")
+    with pytest.raises(BundleError, match=rf"Cache entry {re.escape(entry)} is damaged .* builds it again"):
+        open_volume(entry)
+
+
+def _kept(x):
+    """Doubles x."""
+    return 2 * x  # a comment
+
+
+def _reworded(x):
+    """Twice x: another docstring."""
+    return 2 * x
+
+
+def _changed(x):
+    """Doubles x."""
+    return 3 * x
+
+
+def test_the_folder_key_covers_the_code_that_makes_an_entry():
+    assert cache._code(_kept).replace("_kept", "f") == cache._code(_reworded).replace("_reworded", "f")
+    assert cache._code(_kept).replace("_kept", "f") != cache._code(_changed).replace("_changed", "f")
+    # Pinned: a change to the preprocessing or to how an entry is stored changes it, and with it every cache folder,
+    # so that no run reads entries the new code would not make. Update the value here when you change them.
+    assert definition_digest() == "20de0b61e99a", "the preprocessing or the cache's storage changed: update the pin"
+
+
+def test_other_ranks_wait_for_every_entry_on_disk(tmp_path):
+    files = [_save(_phantom()[0], tmp_path / f"case{i}.nii.gz") for i in range(2)]
+    datalist = [{"image": f} for f in files]
+    folder = cache_folder(tmp_path / "cache", datalist, "ct", PATCH)
+    folder.mkdir(parents=True)
+    with pytest.raises(BundleError, match=rf"for rank 0 to add an entry to the cache folder {re.escape(str(folder))}"):
+        wait_for_entries(datalist, folder, stall_s=0.1)
+    entries = _prepare(tmp_path, files)
+    assert [meta["entry"] for meta in wait_for_entries(datalist, folder, stall_s=0.1)] == entries
 
 
 @pytest.mark.parametrize("num_workers", [0, 1])

@@ -95,6 +95,14 @@ def test_a_non_finite_loss_on_one_rank_stops_both_with_one_message(dhr):
     assert not (tmp / "nan/checkpoints").exists() or not any((tmp / "nan/checkpoints").iterdir())
 
 
+def test_ranks_wait_for_a_cache_preparation_longer_than_the_collective_timeout(tmp_path):
+    write_volumes(tmp_path / "data", count=2)
+    keys = {"collective_timeout_s": 5, "rank0_delay_s": 20}  # a collective waiting for the preparation would fail
+    result, ranks = pretrain(tmp_path, "tests/configs/slow_rank0.yaml", epochs=1, **keys)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert ranks[0]["iteration"] == ranks[1]["iteration"] == 3
+
+
 def test_pcrl_ranks_share_queue_teacher_and_weights(tmp_path):
     write_volumes(tmp_path / "data", count=2)
     # one volume x 2 pairs per rank and step (PCRL's default is 16 x 1): 2 keys per rank, as counted below

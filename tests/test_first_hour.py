@@ -153,6 +153,7 @@ def test_a_missing_model_file_names_the_command_that_makes_one(tmp_path):
 
 
 COMMANDS = [
+    "scripts.data.cache",
     "scripts.import_weights",
     "scripts.tools.study",
     "scripts.tools.compare",
@@ -210,3 +211,14 @@ def test_a_logged_fine_tuning_prints_plain_lines_without_bars_or_untrue_resume_l
     assert "Loading dataset" not in err and "\r" not in err  # MONAI's caching bars: on a terminal only
     assert "Epoch 2/2, iteration 2/2: loss " in err  # the progress as plain lines
     assert "Engine run resuming from" not in log  # ignite's, for every engine of a run that does not resume
+
+
+def test_the_cache_command_defaults_are_pretrainings():
+    from monai.bundle import ConfigParser
+    from scripts.data.cache import build_parser
+
+    parser = ConfigParser()
+    parser.read_config(ROOT / "configs/pretrain.yaml")
+    defaults = vars(build_parser().parse_args(["x"]))
+    assert (defaults["modality"], defaults["patch_size"]) == (parser["modality"], parser["patch_size"])
+    assert parser["cache_dir"] == "$@bundle_root + '/" + defaults["cache_dir"] + "'"

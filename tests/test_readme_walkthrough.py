@@ -86,6 +86,7 @@ STEPS = [
     ),
     Step("verify_metadata", "", (), ()),
     pretraining("--dataset_dir /data/ct --modality ct", "runs/pretrain_ct", ("/data/ct/",)),
+    Step("scripts.data.cache", "--patch_size 32 32 16 --num_workers 1", ("/data/ct/",), (SHARED,)),  # its files: shared
     pretraining("--dataset_dir /data/mri", "runs/pretrain_mri", ("/data/mri/",)),
     Step("scripts.tools.benchmark$", "--repeats 1 --volume 48 48 24 --patch 16 16 8 --pairs 2 --voxels 32", (), ()),
     Step("scripts.tools.benchmark --memory", "--patch 16 16 8 --pairs 2 --voxels 32", (), ()),

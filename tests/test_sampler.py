@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -188,3 +190,22 @@ def test_index_sampler_continues_from_the_engine_iteration():
     engine.state.iteration = 5  # as a loaded checkpoint leaves it before the first epoch starts
     engine.fire_event(Events.EPOCH_STARTED)
     assert list(zip(range(4), sampler, strict=False)) == [(0, 15), (1, 16), (2, 17), (3, 18)]
+
+
+def _maps_of(folder) -> int:
+    """Memory maps of files under `folder` open in this process."""
+    with open("/proc/self/maps") as f:
+        return sum(str(folder) in line for line in f)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs Linux's /proc")
+def test_disk_cache_keeps_a_bounded_number_of_volumes_mapped(tmp_path):
+    entries = cached_volumes(tmp_path, count=12)
+    bounded, unbounded = dataset(entries, max_open=4), dataset(entries)
+    for s in range(60):  # every volume drawn, most several times
+        first, again = bounded[s], unbounded[s]
+        for key in first:
+            assert torch.equal(first[key], again[key]), key
+    assert len({int(unbounded[s]["volume_index"]) for s in range(60)}) == 12
+    del unbounded
+    assert _maps_of(tmp_path) == 2 * 4, "two maps (image, body) for each of the 4 most recently used volumes"

@@ -37,9 +37,9 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
-from scripts.engine.weights import sidecar
+from scripts.engine.weights import sidecar, tensor_bytes
 from scripts.utils.distributed import is_main, unwrap, world_size
-from scripts.utils.errors import BundleError
+from scripts.utils.errors import BundleError, out_of_space
 
 logger = logging.getLogger(__name__)
 
@@ -511,7 +511,7 @@ class CheckpointSaver:
     Each holds ``save_dict``'s state dicts, the global random states (``rng``) and the run identity (``run``). A save
     goes to ``<name>.partial``, is flushed to disk, renamed over ``<name>`` (atomic), and only then are all but the
     newest ``n_saved`` checkpoints deleted: a crash or a full disk at any moment leaves the previous checkpoint whole.
-    Only rank 0 writes.
+    A full disk ends the run with one line naming the checkpoint and the space it needs. Only rank 0 writes.
 
     Args:
         run: the run's folder (checkpoint folder and identity).
@@ -541,18 +541,19 @@ class CheckpointSaver:
         state = {key: unwrap(obj).state_dict() for key, obj in self.save_dict.items()}
         state.update(rng=rng_states(), run=self.run.identity)
         partial = path.with_name(path.name + ".partial")
+        remedy = f"the earlier checkpoints in {folder} are intact: free space and rerun the same command to resume."
         try:
-            with open(partial, "wb") as file:
-                torch.save(state, file)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(partial, path)
-        except OSError as err:
+            with out_of_space(path, tensor_bytes(state), remedy):
+                with open(partial, "wb") as file:
+                    torch.save(state, file)
+                    file.flush()
+                    os.fsync(file.fileno())
+                os.replace(partial, path)
+        except BaseException as err:
             partial.unlink(missing_ok=True)
-            raise BundleError(
-                f"Cannot write checkpoint {path} ({err}). The earlier checkpoints in {folder} are intact: free space "
-                "and rerun the same command to resume."
-            ) from err
+            if isinstance(err, OSError) and not isinstance(err, BundleError):
+                raise BundleError(f"Cannot write checkpoint {path} ({err}); {remedy}") from err
+            raise
         self._saved_iteration = engine.state.iteration
         for old in checkpoints(folder)[self.n_saved :]:
             old.unlink(missing_ok=True)

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from ignite.engine import Engine, Events
 from scripts.utils.distributed import is_main, unwrap
-from scripts.utils.errors import BundleError
+from scripts.utils.errors import BundleError, out_of_space
 from torch import Tensor
 
 logger = logging.getLogger(__name__)
@@ -36,6 +36,7 @@ __all__ = [
     "BACKBONE_KEYS",
     "SEGMENTATION_KEYS",
     "sidecar",
+    "tensor_bytes",
     "save_weights",
     "infer_info",
     "read_info",
@@ -60,6 +61,17 @@ def sidecar(path: str | os.PathLike) -> Path:
     return Path(path).with_suffix(".json")
 
 
+def tensor_bytes(state: Any) -> int:
+    """Bytes of the tensors in ``state`` (nested dicts, lists and tuples): about the size of its ``torch.save`` file."""
+    if isinstance(state, Tensor):
+        return state.nbytes
+    if isinstance(state, Mapping):
+        return sum(tensor_bytes(v) for v in state.values())
+    if isinstance(state, list | tuple):
+        return sum(tensor_bytes(v) for v in state)
+    return 0
+
+
 def save_weights(state_dict: Mapping[str, Tensor], path: str | os.PathLike, info: Mapping) -> None:
     """Saves ``state_dict`` to ``path`` and ``info`` to its sidecar: both, or neither with a description.
 
@@ -67,13 +79,18 @@ def save_weights(state_dict: Mapping[str, Tensor], path: str | os.PathLike, info
     renamed into place, and the new sidecar last: a crash at any point leaves the old pair, or weights without a
     sidecar (which the workflows refuse, see :func:`resolve`), or the new pair, never weights described by another
     file's sidecar.
+
+    Raises:
+        OutOfSpaceError: no room for the files (the old pair is kept, the partial files removed).
     """
     path, meta = Path(path), sidecar(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     partials = path.with_name(path.name + ".partial"), meta.with_name(meta.name + ".partial")
+    remedy = f"free space and write it again{'; the earlier ' + path.name + ' is intact' if path.exists() else ''}"
     try:
-        torch.save(dict(state_dict), partials[0])
-        partials[1].write_text(json.dumps(dict(info), indent=2) + "\n")
+        with out_of_space(path, tensor_bytes(dict(state_dict)), remedy):
+            torch.save(dict(state_dict), partials[0])
+            partials[1].write_text(json.dumps(dict(info), indent=2) + "\n")
     except BaseException:
         for partial in partials:
             partial.unlink(missing_ok=True)

@@ -8,6 +8,7 @@ sample index) is a volume and its pairs, both drawn from ``numpy_rng(seed, rank,
 from __future__ import annotations
 
 import itertools
+from collections import OrderedDict
 from collections.abc import Hashable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -158,6 +159,8 @@ class VoxelPairDataset(torch.utils.data.Dataset):
         seed: the run's seed.
         cache: "disk" (memory-mapped: a batch reads only its boxes; the OS keeps what is read often in its page cache)
             or "memory" (every volume read into memory here, once; shared with forked workers).
+        max_open: with "disk", the most volumes each process keeps memory-mapped (two maps each), the least recently
+            used closed first: a process may hold at most ``vm.max_map_count`` maps (65,530 by default).
         rank: this process's rank; None: `scripts.utils.distributed.rank()`.
         world_size: number of ranks; None: `scripts.utils.distributed.world_size()`.
 
@@ -176,6 +179,7 @@ class VoxelPairDataset(torch.utils.data.Dataset):
         cache: str = "disk",
         rank: int | None = None,
         world_size: int | None = None,
+        max_open: int = 1024,
     ) -> None:
         if cache not in self.CACHE_MODES:
             raise BundleError(f"cache={cache!r}: the key `cache` must be 'disk' or 'memory'.")
@@ -183,19 +187,23 @@ class VoxelPairDataset(torch.utils.data.Dataset):
         self.sampler = sampler
         self.seed = seed
         self.in_memory = cache == "memory"
+        self.max_open = max_open
         self.rank = distributed.rank() if rank is None else rank
         world_size = distributed.world_size() if world_size is None else world_size
         own = range(self.rank, len(self.volumes), world_size) if len(self.volumes) >= world_size else None
         self.choices = list(own) if own is not None else list(range(len(self.volumes)))
         # disk: opened on first use in each process; memory: read here, so forked workers share the pages
-        self._open: dict[int, dict[str, np.ndarray]] = {}
+        self._open: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
         if self.in_memory:
             for index in self.choices:
-                self._volume(index)
+                self._open[index] = open_volume(self.volumes[index], in_memory=True)
 
     def _volume(self, index: int) -> dict[str, np.ndarray]:
         if index not in self._open:
             self._open[index] = open_volume(self.volumes[index], in_memory=self.in_memory)
+            if not self.in_memory and len(self._open) > self.max_open:
+                self._open.popitem(last=False)  # its maps close with the last reference to them
+        self._open.move_to_end(index)
         return self._open[index]
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:

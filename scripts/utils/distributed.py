@@ -6,6 +6,7 @@ Every function works without a process group (one process: rank 0 of 1), so sing
 
 from __future__ import annotations
 
+import datetime
 import os
 import time
 from collections.abc import Callable
@@ -39,6 +40,9 @@ T = TypeVar("T")
 # Seconds a rank that did not fail waits before it exits, so that the failing rank's message is printed before
 # `torchrun` stops the group (it stops every process once one has exited with an error).
 OTHER_RANKS_GRACE_S = 10.0
+# Seconds a rank waits in a collective for the others (e.g. while rank 0 writes a checkpoint) before the run fails.
+# Set explicitly: NCCL's default is 10 minutes. No collective waits for the cache preparation (scripts.data.cache).
+COLLECTIVE_TIMEOUT_S = 1800.0
 
 
 def _initialized() -> bool:
@@ -78,15 +82,19 @@ def cpu_workers(limit: int = 4) -> int:
     return min(limit, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
 
-def init_process_group() -> torch.device:
+def init_process_group(timeout_s: float = COLLECTIVE_TIMEOUT_S) -> torch.device:
     """Joins the ``torchrun`` process group (NCCL on CUDA, gloo on CPU) unless joined already, and makes GPU
     ``LOCAL_RANK`` this process's current device.
+
+    Args:
+        timeout_s: seconds a collective waits for every rank before it fails.
 
     Returns:
         this process's device (`device`).
     """
     if not _initialized():
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
         # ignite sets up its view of the group (with collectives) on its first call, e.g. a checkpoint saver's on rank
         # 0 alone, which would wait forever for the other ranks: set it up now, on every rank.
         idist.sync()
@@ -109,8 +117,9 @@ def stop_other_ranks() -> None:
 
 
 def main_first(fn: Callable[..., T], *args, **kwargs) -> T:
-    """``fn(*args, **kwargs)`` on rank 0 first, then on the other ranks: for preparation that writes files (a cache,
-    the demo data) once, which the other ranks then read.
+    """``fn(*args, **kwargs)`` on rank 0 first, then on the other ranks: for short preparation that writes files (the
+    demo data) once, which the other ranks then read. The others wait in a collective, so it must end well within
+    `COLLECTIVE_TIMEOUT_S`: a dataset's cache is prepared without one (`scripts.data.cache.prepare_volumes`).
 
     The ranks wait for rank 0 in a collective that carries whether ``fn`` failed there, so a failure on rank 0 ends
     every rank instead of leaving them waiting at a barrier: rank 0 raises the error, the others exit quietly.
