@@ -76,3 +76,14 @@ def test_readme_test_lines_are_what_ci_runs():
     assert lines[1:] == ["python -m pytest -q -m slow -n 0"]
     ci = (ROOT / ".ci/run").read_text().splitlines()
     assert lines[0] in ci and any(line.startswith(lines[1]) for line in ci), "CI runs both tiers"
+
+
+def test_eval_metrics_are_the_model_cards_demo_comparison():
+    """The metadata's numbers are those of the DHR row of the demo comparison in docs/README.md (4 scans)."""
+    metrics = json.loads((ROOT / "configs/metadata.json").read_text())["eval_metrics"]
+    row = re.search(r"^\| DHR \| \w+ \| (.*) \|$", (ROOT / "docs/README.md").read_text(), re.M)
+    linear_1, linear_4, finetune_1, finetune_4 = (float(v) for v in row.group(1).split(" | "))
+    assert metrics == {
+        "demo_test_mean_dice_finetuned_4_scans": finetune_4,
+        "demo_test_mean_dice_linear_4_scans": linear_4,
+    }
