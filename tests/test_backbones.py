@@ -8,7 +8,7 @@ import pytest
 import torch
 from bundle import PRETRAIN_TINY, run_workflow
 from monai.networks.nets import SegResNet, UNet
-from scripts.networks.backbones import MonaiBackbone, check_backbone
+from scripts.networks.backbones import MonaiBackbone, check_backbone, describe
 from scripts.networks.fpn3d import dhr_network
 from scripts.ssl.batch import SSLBatch
 from scripts.ssl.losses import HybridLoss
@@ -193,3 +193,30 @@ def test_pretraining_refuses_an_unfit_patch_before_any_work(tmp_path):
     assert "patch_size [16, 16, 8] does not fit unet" in run.message and "--patch_size [16,16,16]" in run.message
     assert not (tmp_path / "out/run.json").exists()
     assert not (tmp_path / "data").exists()  # not even the demo data was prepared
+
+
+@pytest.mark.parametrize("name", TINY_ARGS)
+def test_fine_tuning_warm_up_freezes_all_but_the_networks_own_output_layer(name):
+    from scripts.networks.segmentation import segmentation_network
+
+    network = segmentation_network(3, backbone=name, backbone_args=TINY_ARGS[name])
+    network.freeze_backbone(True)
+    network.train()
+    output = {id(p) for layer in network.backbone.output_layers() for p in layer.parameters()}
+    assert output and all(p.requires_grad == (id(p) in output) for p in network.parameters())
+    inside = {id(m) for layer in network.backbone.output_layers() for m in layer.modules()}
+    modes = {id(m): m.training for m in network.backbone.network.modules()}
+    assert all(modes[i] for i in inside) and not any(t for i, t in modes.items() if i not in inside)  # normalisation
+    assert network(torch.rand(1, 1, 16, 16, 8)).shape == (1, 3, 16, 16, 8)
+
+
+def test_scratch_reference_of_a_study_is_the_first_backbones_monai_network(tmp_path):
+    from scripts.engine.weights import save_weights
+    from scripts.tools.study import scratch_args
+
+    backbone = MonaiBackbone("segresnet", TINY_ARGS["segresnet"])
+    info = {"kind": "backbone", **describe(backbone)}
+    save_weights(backbone.network.state_dict(), tmp_path / "b.pt", info | {"patch_size": [16, 16, 8]})
+    args = scratch_args(str(tmp_path / "b.pt"), [])
+    assert args[args.index("--backbone") + 1] == "segresnet"
+    assert json.loads(args[args.index("--backbone_args") + 1]) == backbone.args

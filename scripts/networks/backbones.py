@@ -31,6 +31,7 @@ __all__ = [
     "MonaiBackbone",
     "network_args",
     "run_identity",
+    "sidecar_info",
     "check_backbone",
     "describe",
     "load_pretrained",
@@ -109,6 +110,14 @@ def run_identity(backbone: str, args: Mapping[str, Any] | None) -> dict:
     """The keys a MONAI backbone adds to a pretraining run's identity; none for FPN3d, so that the runs made before
     the switch existed keep theirs and resume."""
     return {} if backbone == "fpn3d" else {"backbone": backbone, "backbone_args": network_args(backbone, args)}
+
+
+def sidecar_info(info: Mapping[str, Any]) -> dict:
+    """`info` (a weight file's description) without ``backbone`` and ``backbone_args`` for FPN3d, whose files describe
+    it by ``base_channels`` and ``num_scales`` as they did before the switch existed."""
+    if info.get("backbone", "fpn3d") == "fpn3d":
+        return {k: v for k, v in info.items() if k not in ("backbone", "backbone_args")}
+    return dict(info)
 
 
 def check_backbone(
