@@ -142,7 +142,7 @@ class FPNNonLinearHead(nn.Module):
 
 
 class SegmentationNet(nn.Module):
-    """`FPN3d` backbone + FPN head, returning one tensor of per-class logits.
+    """A backbone (`FPN3d`, or a MONAI network read at its decoder) + FPN head, returning per-class logits.
 
     While the backbone is frozen (`freeze_backbone`) its parameters get no gradient and its BatchNorm layers stay in
     eval mode even when ``train()`` is called on the whole network, as MONAI's `SupervisedTrainer` does every
@@ -201,11 +201,13 @@ class OwnHeadSegmentationNet(SegmentationNet):
         super().__init__(backbone, nn.Identity())
 
     def freeze_backbone(self, frozen: bool = True) -> None:
+        """As `SegmentationNet.freeze_backbone`, but the output layer keeps its gradient."""
         super().freeze_backbone(frozen)
         for module in self.backbone.output_layers():
             module.requires_grad_(True)
 
     def train(self, mode: bool = True) -> "OwnHeadSegmentationNet":
+        """As `SegmentationNet.train`, but the output layer follows `mode` also while the rest is frozen."""
         super().train(mode)
         for module in self.backbone.output_layers():
             module.train(mode)
