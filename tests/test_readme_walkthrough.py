@@ -112,6 +112,7 @@ STEPS = [
     pretraining("--projection_width raw", "runs/ablation_projection_width"),
     pretraining("--restoration_weight 0", "runs/ablation_restoration"),
     pretraining("--freeze_projections True", "runs/ablation_frozen_projections"),
+    pretraining("--backbone segresnet", "runs/pretrain_segresnet"),
     Step(
         "scripts.tools.compare",
         STUDY,

@@ -18,6 +18,7 @@ from monai.engines.utils import IterationEvents
 from monai.handlers import MLFlowHandler
 from scripts.engine.runs import checkpoints
 from scripts.engine.weights import save_weights
+from scripts.networks import backbones
 from scripts.utils import distributed
 from scripts.utils.distributed import all_gather, any_rank, is_main, stop_other_ranks
 from scripts.utils.errors import BundleError
@@ -263,8 +264,9 @@ class ExportBackbone:
     writes.
 
     Args:
-        backbone: the module whose weights are exported; its ``in_channels``, ``base_channels`` and ``num_scales``
-            (an FPN3d's) go into the sidecar.
+        backbone: the module whose weights are exported: an FPN3d (its ``in_channels``, ``base_channels`` and
+            ``num_scales`` go into the sidecar) or a `scripts.networks.backbones.MonaiBackbone` (its MONAI network's
+            weights; the class and its arguments go into the sidecar).
         path: destination file; written atomically, with the sidecar ``<path stem>.json``.
         info: what else the sidecar records: ``modality``, ``patch_size``, ``method``.
     """
@@ -280,6 +282,7 @@ class ExportBackbone:
     def __call__(self, engine: Engine) -> None:
         if not distributed.is_main():
             return
-        architecture = {k: getattr(self.backbone, k, None) for k in ("in_channels", "base_channels", "num_scales")}
-        save_weights(self.backbone.state_dict(), self.path, {"kind": "backbone", **architecture, **self.info})
+        # a MONAI backbone exports its network alone: the plain state dict of the class its sidecar names
+        weights = getattr(self.backbone, "network", self.backbone).state_dict()
+        save_weights(weights, self.path, {"kind": "backbone", **backbones.describe(self.backbone), **self.info})
         logger.info(f"Exported the pretrained backbone to {self.path}")

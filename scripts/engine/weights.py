@@ -6,6 +6,10 @@ it records the architecture and the preprocessing the weights were trained with,
     {"kind": "backbone", "in_channels": 1, "base_channels": 32, "num_scales": 5, "modality": "mri",
      "patch_size": [128, 128, 32], "method": "dhr"}
 
+A MONAI backbone (`scripts.networks.backbones`) records ``"backbone": "segresnet"``, ``"class":
+"monai.networks.nets.SegResNet"`` and its full arguments ``"backbone_args"`` instead of ``base_channels`` and
+``num_scales``; a file without ``backbone`` is an FPN3d.
+
 Segmentation files add ``num_classes``, ``head``, ``pretrained_ckpt``, the test split of their training (``fold``,
 ``num_folds``, ``seed``, ``datalist_sha256``) and which weights were kept (``selected``, ``epoch``); they are
 written by :class:`ModelSaver` alone. Backbones without a sidecar (the authors' releases) are described by what their
@@ -48,7 +52,16 @@ __all__ = [
 ]
 
 # What a backbone's description holds beside its kind, and what a segmentation model's adds.
-BACKBONE_KEYS = ("in_channels", "base_channels", "num_scales", "modality", "patch_size", "method")
+BACKBONE_KEYS = (
+    "in_channels",
+    "base_channels",
+    "num_scales",
+    "backbone",
+    "backbone_args",
+    "modality",
+    "patch_size",
+    "method",
+)
 SEGMENTATION_KEYS = (*BACKBONE_KEYS, "num_classes", "head")
 # The config key that names the weight file of each kind, for messages.
 _FILE_KEY = {"backbone": "pretrained_ckpt", "segmentation": "model_file"}

@@ -4,12 +4,14 @@
 """
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from scripts.networks.backbones import MonaiBackbone
 from scripts.utils.errors import BundleError
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
@@ -221,11 +223,21 @@ class MultiscaleProjection(nn.Module):
             projections sat in a plain Python list). They then get no gradient and are left out of the state dict,
             and are re-created identically from `seed`.
         seed: seed of the frozen projections' initialisation; unused when `frozen` is False.
+        first_shift: log2 of the finest level's stride (0 for FPN3d; 1 for a backbone whose finest level is at stride
+            2, `scripts.networks.backbones.MonaiBackbone`): level ``i`` is read at ``v // 2**(first_shift + i)``.
     """
 
-    def __init__(self, in_channels: Sequence[int], width: int | None = 32, frozen: bool = False, seed: int = 0) -> None:
+    def __init__(
+        self,
+        in_channels: Sequence[int],
+        width: int | None = 32,
+        frozen: bool = False,
+        seed: int = 0,
+        first_shift: int = 0,
+    ) -> None:
         super().__init__()
         self.in_channels = list(in_channels)
+        self.first_shift = first_shift
         self.width = width
         self.frozen = frozen
         # A Linear on the gathered vectors equals a 1x1x1 conv followed by gathering, at a fraction of the cost.
@@ -257,7 +269,7 @@ class MultiscaleProjection(nn.Module):
         features = []
         for i, fmap in enumerate(pyramid):
             b, c = fmap.shape[:2]
-            x, y, z = (voxels.long() >> i).unbind(-1)
+            x, y, z = (voxels.long() >> (self.first_shift + i)).unbind(-1)
             index = (x * fmap.shape[3] + y) * fmap.shape[4] + z  # (B, K) into the flattened spatial dims
             gathered = fmap.flatten(2).gather(2, index.unsqueeze(1).expand(b, c, -1)).transpose(1, 2)
             features.append(gathered if self.width is None else self.projections[i](gathered))
@@ -355,11 +367,12 @@ class VoxelEmbeddingNet(nn.Module):
         backbone: feature pyramid network.
         projection: reads the pyramid at the sampled voxels.
         head: maps the projected vectors to embeddings.
-        restoration: add a 1x1x1 conv from the finest level to one channel, for DHR's restoration loss.
+        restoration: add a 1x1x1 conv from the finest level to one channel, for DHR's restoration loss; a finest level
+            coarser than the input (``projection.first_shift`` > 0) is restored there and upsampled (nearest).
     """
 
     def __init__(
-        self, backbone: FPN3d, projection: MultiscaleProjection, head: ProjectionHead, restoration: bool = True
+        self, backbone: nn.Module, projection: MultiscaleProjection, head: ProjectionHead, restoration: bool = True
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -381,7 +394,10 @@ class VoxelEmbeddingNet(nn.Module):
         pyramid = self.backbone(images)
         outputs = {"embeddings": self.head(self.projection(pyramid, voxels), valid)}
         if self.restoration_head is not None:
-            outputs["restoration"] = self.restoration_head(pyramid[0])
+            restored = self.restoration_head(pyramid[0])
+            if self.projection.first_shift:
+                restored = F.interpolate(restored, scale_factor=2.0**self.projection.first_shift, mode="nearest")
+            outputs["restoration"] = restored
         return outputs
 
 
@@ -395,15 +411,18 @@ def dhr_network(
     freeze_projections: bool = False,
     seed: int = 0,
     activation_checkpointing: bool = False,
+    backbone: str = "fpn3d",
+    backbone_args: Mapping[str, Any] | None = None,
 ) -> VoxelEmbeddingNet:
     """Builds the pretraining network for one input channel.
 
     The defaults give DHR (FPN3d 32/5, 5 x 32 = 160 -> 160 -> 160 -> 128, restoration head); vox2vec is
-    ``dhr_network(16, 6, projection_width="raw", restoration=False)`` (1008 -> 1008 -> 1008 -> 128).
+    ``dhr_network(16, 6, projection_width="raw", restoration=False)`` (1008 -> 1008 -> 1008 -> 128). Another
+    `backbone` is read at its decoder levels as FPN3d's pyramid is (`scripts.networks.backbones.MonaiBackbone`).
 
     Args:
-        base_channels: channels of the finest pyramid level.
-        num_scales: number of pyramid levels.
+        base_channels: channels of the finest pyramid level (FPN3d).
+        num_scales: number of pyramid levels (FPN3d).
         projection_width: channels per level after projection, or ``"raw"`` (or None) for raw concatenation. The
             config key takes ``raw`` because MONAI's command line drops a ``None`` value (`scripts.utils.cli`).
         head_hidden: hidden width of the projection head; None means the projection's output width.
@@ -412,6 +431,8 @@ def dhr_network(
         freeze_projections: keep the per-level projections fixed at their seeded random initialisation.
         seed: seed of the frozen projections.
         activation_checkpointing: recompute the backbone's residual stages in the backward pass (`FPN3d`).
+        backbone: ``fpn3d``, or MONAI's ``segresnet``, ``dynunet``, ``unet`` (`scripts.networks.backbones`).
+        backbone_args: the MONAI network's arguments (None for FPN3d).
     """
     if projection_width == "raw":
         projection_width = None
@@ -420,11 +441,17 @@ def dhr_network(
             f"projection_width={projection_width!r}: give a positive number of channels per level, or raw to "
             "concatenate the raw pyramid levels (vox2vec)."
         )
-    backbone = FPN3d(1, base_channels, num_scales, activation_checkpointing=activation_checkpointing)
-    projection = MultiscaleProjection(backbone.out_channels, projection_width, freeze_projections, seed)
+    if backbone == "fpn3d":
+        network: nn.Module = FPN3d(1, base_channels, num_scales, activation_checkpointing=activation_checkpointing)
+        name = f"FPN3d(1, {base_channels}, {num_scales})"
+    else:
+        network = MonaiBackbone(backbone, backbone_args)
+        name = f"{type(network.network).__name__}({network.args}) read at {len(network.out_channels)} decoder levels"
+    shift = getattr(network, "first_shift", 0)
+    projection = MultiscaleProjection(network.out_channels, projection_width, freeze_projections, seed, shift)
     hidden = projection.out_channels if head_hidden is None else head_hidden
     head = ProjectionHead(projection.out_channels, hidden, embedding_dim)
-    levels = len(backbone.out_channels)
+    levels = len(network.out_channels)
     if projection_width is None:
         vectors = f"raw levels concatenated ({projection.out_channels})"
     else:
@@ -432,7 +459,7 @@ def dhr_network(
         vectors = f"{state} projections {levels} x {projection_width}"
     # at INFO, which configs/logging.conf prints: what an ablation built must be visible in the run's output
     logger.info(
-        f"pretraining network: FPN3d(1, {base_channels}, {num_scales}), {vectors} -> head {hidden}-{hidden}-"
+        f"pretraining network: {name}, {vectors} -> head {hidden}-{hidden}-"
         f"{embedding_dim}, {'with' if restoration else 'no'} restoration head"
     )
-    return VoxelEmbeddingNet(backbone, projection, head, restoration)
+    return VoxelEmbeddingNet(network, projection, head, restoration)

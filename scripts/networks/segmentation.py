@@ -7,7 +7,8 @@ class, not softmax).
 """
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -15,9 +16,10 @@ import torch.nn.functional as F
 from ignite.engine import Engine, Events
 from monai.losses import DiceLoss
 from scripts.import_weights import load_backbone
+from scripts.networks.backbones import MonaiBackbone, load_pretrained
 from scripts.networks.fpn3d import FPN3d, ResBlock3d
 from scripts.utils.distributed import unwrap
-from scripts.utils.errors import BundleError
+from scripts.utils.errors import BundleError, InvalidInputError
 from torch import Tensor
 
 logger = logging.getLogger(__name__)
@@ -26,12 +28,22 @@ __all__ = [
     "LinearFPNHead",
     "FPNNonLinearHead",
     "SegmentationNet",
+    "OwnHeadSegmentationNet",
+    "default_head",
     "segmentation_network",
     "BackboneWarmup",
     "check_linear_evaluation",
     "probabilities_to_labels",
     "DiceBCELoss",
 ]
+
+
+def _to_input_stride(x: Tensor, first_shift: int) -> Tensor:
+    """(B, C, X, Y, Z) at stride ``2**first_shift`` -> nearest-upsampled to stride 1 (the input's size: the backbone's
+    strides fit it, `scripts.networks.backbones.check_backbone`)."""
+    if first_shift == 0:
+        return x
+    return F.interpolate(x, scale_factor=float(2**first_shift), mode="nearest")
 
 
 def _upsample_to(x: Tensor, like: Tensor) -> Tensor:
@@ -53,11 +65,13 @@ class LinearFPNHead(nn.Module):
     Args:
         in_channels: channels of each pyramid level, finest first (``FPN3d.out_channels``).
         num_classes: number of output channels.
+        first_shift: log2 of the finest level's stride; the logits are upsampled (nearest) from there to the input.
     """
 
-    def __init__(self, in_channels: Sequence[int], num_classes: int) -> None:
+    def __init__(self, in_channels: Sequence[int], num_classes: int, first_shift: int = 0) -> None:
         super().__init__()
         self.convs = nn.ModuleList([nn.Conv3d(c, num_classes, kernel_size=1) for c in in_channels])
+        self.first_shift = first_shift
 
     def forward(self, pyramid: list[Tensor]) -> Tensor:
         """
@@ -73,7 +87,7 @@ class LinearFPNHead(nn.Module):
         x = logits[-1]
         for i in range(len(logits) - 2, -1, -1):
             x = _upsample_to(x, logits[i]) + logits[i]
-        return x
+        return _to_input_stride(x, self.first_shift)
 
 
 class FPNNonLinearHead(nn.Module):
@@ -91,10 +105,12 @@ class FPNNonLinearHead(nn.Module):
         in_channels: channels of each pyramid level, finest first (``FPN3d.out_channels``; vox2vec's
             ``base_channels * 2**i``).
         num_classes: number of output channels.
+        first_shift: log2 of the finest level's stride; the logits are upsampled (nearest) from there to the input.
     """
 
-    def __init__(self, in_channels: Sequence[int], num_classes: int) -> None:
+    def __init__(self, in_channels: Sequence[int], num_classes: int, first_shift: int = 0) -> None:
         super().__init__()
+        self.first_shift = first_shift
         widths = list(in_channels)
         # Stored coarse to fine, the order they run in, as in vox2vec.
         fine_levels = range(len(widths) - 2, -1, -1)
@@ -122,11 +138,11 @@ class FPNNonLinearHead(nn.Module):
             level = pyramid[len(pyramid) - 2 - i]
             x = up(x)[:, :, : level.shape[2], : level.shape[3], : level.shape[4]]  # ceil-mode pooling: crop
             x = right(x + skip(level))
-        return self.final_block(x)
+        return _to_input_stride(self.final_block(x), self.first_shift)
 
 
 class SegmentationNet(nn.Module):
-    """`FPN3d` backbone + FPN head, returning one tensor of per-class logits.
+    """A backbone (`FPN3d`, or a MONAI network read at its decoder) + FPN head, returning per-class logits.
 
     While the backbone is frozen (`freeze_backbone`) its parameters get no gradient and its BatchNorm layers stay in
     eval mode even when ``train()`` is called on the whole network, as MONAI's `SupervisedTrainer` does every
@@ -142,7 +158,7 @@ class SegmentationNet(nn.Module):
 
     backbone_frozen: bool
 
-    def __init__(self, backbone: FPN3d, head: nn.Module) -> None:
+    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
@@ -173,45 +189,97 @@ class SegmentationNet(nn.Module):
         return self.head(self.backbone(x))
 
 
+class OwnHeadSegmentationNet(SegmentationNet):
+    """A MONAI backbone with its own output layer (``out_channels`` = the classes): the network as its bundle trains
+    it. Its "backbone" is everything but that output layer, which stays trainable while the rest is frozen.
+
+    Args:
+        backbone: the MONAI network read as a backbone, built with ``out_channels`` = the number of classes.
+    """
+
+    def __init__(self, backbone: MonaiBackbone) -> None:
+        super().__init__(backbone, nn.Identity())
+
+    def freeze_backbone(self, frozen: bool = True) -> None:
+        """As `SegmentationNet.freeze_backbone`, but the output layer keeps its gradient."""
+        super().freeze_backbone(frozen)
+        for module in self.backbone.output_layers():
+            module.requires_grad_(True)
+
+    def train(self, mode: bool = True) -> "OwnHeadSegmentationNet":
+        """As `SegmentationNet.train`, but the output layer follows `mode` also while the rest is frozen."""
+        super().train(mode)
+        for module in self.backbone.output_layers():
+            module.train(mode)
+        return self
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, 1, X, Y, Z) -> (B, num_classes, X, Y, Z) logits of the MONAI network."""
+        return self.backbone.network(x)
+
+
+def default_head(backbone: str) -> str:
+    """The head of fine-tuning when none is given: FPN3d's linear FPN head; a MONAI network's own output layer."""
+    return "linear" if backbone == "fpn3d" else "own"
+
+
 def segmentation_network(
     num_classes: int,
     base_channels: int = 32,
     num_scales: int = 5,
-    head: str = "linear",
+    head: str | None = None,
     pretrained_ckpt: str | None = None,
     activation_checkpointing: bool = False,
+    backbone: str = "fpn3d",
+    backbone_args: Mapping[str, Any] | None = None,
 ) -> SegmentationNet:
     """Builds the segmentation network for one input channel, from scratch or from a pretrained backbone.
 
     Args:
         num_classes: number of output channels (one sigmoid per class).
-        base_channels: channels of the finest pyramid level (DHR 32, vox2vec 16).
-        num_scales: number of pyramid levels (DHR 5, vox2vec 6).
-        head: ``"linear"`` (`LinearFPNHead`) or ``"nonlinear"`` (vox2vec's `FPNNonLinearHead`).
-        pretrained_ckpt: backbone checkpoint in any form `scripts.import_weights.load_backbone` accepts; None trains
-            from scratch.
+        base_channels: channels of the finest pyramid level (FPN3d; DHR 32, vox2vec 16).
+        num_scales: number of pyramid levels (FPN3d; DHR 5, vox2vec 6).
+        head: ``"linear"`` (`LinearFPNHead`), ``"nonlinear"`` (vox2vec's `FPNNonLinearHead`), or ``"own"`` (a MONAI
+            backbone's own output layer, `OwnHeadSegmentationNet`); None: `default_head`.
+        pretrained_ckpt: backbone checkpoint in any form `scripts.import_weights.load_backbone` accepts (FPN3d), or a
+            MONAI backbone as pretraining exported it; None trains from scratch.
         activation_checkpointing: recompute the backbone's residual stages in the backward pass (`FPN3d`).
+        backbone: ``fpn3d``, or MONAI's ``segresnet``, ``dynunet``, ``unet`` (`scripts.networks.backbones`).
+        backbone_args: the MONAI network's arguments, as the backbone's sidecar records them.
 
     Raises:
         ValueError: for an unknown `head`, or a checkpoint that does not fit (the message names the file).
         FileNotFoundError: when `pretrained_ckpt` does not exist.
     """
-    heads = {"linear", "nonlinear"}
+    head = head or default_head(backbone)
+    heads = {"linear", "nonlinear"} if backbone == "fpn3d" else {"linear", "nonlinear", "own"}
     if head not in heads:
-        raise ValueError(f"head must be one of {sorted(heads)}, got {head!r}")
-    backbone = FPN3d(1, base_channels, num_scales, activation_checkpointing=activation_checkpointing)
+        raise InvalidInputError(f"head={head!r} with backbone {backbone}: give one of {', '.join(sorted(heads))}")
+    if backbone == "fpn3d":
+        network: nn.Module = FPN3d(1, base_channels, num_scales, activation_checkpointing=activation_checkpointing)
+        name = f"FPN3d(1, {base_channels}, {num_scales})"
+    else:
+        args = dict(backbone_args or {})
+        if head == "own":  # the output layer gives the logits; DynUNet's deep supervision would add more outputs
+            args.update(out_channels=num_classes, **({"deep_supervision": False} if backbone == "dynunet" else {}))
+        network = MonaiBackbone(backbone, args)
+        name = f"{type(network.network).__name__}"
     if pretrained_ckpt is not None:
-        load_backbone(pretrained_ckpt, backbone)
+        if backbone == "fpn3d":
+            load_backbone(pretrained_ckpt, network)
+        else:
+            load_pretrained(pretrained_ckpt, network)
         # at INFO, which configs/logging.conf prints: the initialisation must be visible in the run's output. (Without a
         # checkpoint, the workflow says what it starts from: random weights to train, or a trained model_file.)
-        logger.info(
-            f"segmentation network: FPN3d(1, {base_channels}, {num_scales}) backbone loaded from {pretrained_ckpt}"
-        )
+        logger.info(f"segmentation network: {name} backbone loaded from {pretrained_ckpt}")
+    if head == "own":
+        return OwnHeadSegmentationNet(network)
+    shift = getattr(network, "first_shift", 0)
     if head == "linear":
-        head_module: nn.Module = LinearFPNHead(backbone.out_channels, num_classes)
+        head_module: nn.Module = LinearFPNHead(network.out_channels, num_classes, shift)
     else:
-        head_module = FPNNonLinearHead(backbone.out_channels, num_classes)
-    return SegmentationNet(backbone, head_module)
+        head_module = FPNNonLinearHead(network.out_channels, num_classes, shift)
+    return SegmentationNet(network, head_module)
 
 
 class BackboneWarmup:

@@ -165,11 +165,12 @@ def cells(
 
 def scratch_args(backbone: str, extra: Sequence[str]) -> tuple[str, ...]:
     """The reference trained from scratch is the first backbone's network and preprocessing, untrained: its
-    ``base_channels``, ``num_scales``, ``modality`` and ``patch_size`` (as its weight file records them), unless the
-    run arguments ``extra`` set them."""
+    ``base_channels``, ``num_scales`` (FPN3d) or ``backbone`` and ``backbone_args`` (a MONAI network), ``modality`` and
+    ``patch_size`` (as its weight file records them), unless the run arguments ``extra`` set them."""
     given = given_keys(extra)
     info = read_info(backbone)
-    keys = [k for k in ("base_channels", "num_scales", "modality", "patch_size") if info.get(k) and k not in given]
+    names = ("base_channels", "num_scales", "backbone", "backbone_args", "modality", "patch_size")
+    keys = [k for k in names if info.get(k) and k not in given]
     text = {k: info[k] if isinstance(info[k], str) else json.dumps(info[k]).replace(" ", "") for k in keys}
     return tuple(item for k in keys for item in (f"--{k}", text[k]))
 
