@@ -98,6 +98,21 @@ def test_compare_takes_the_study_options(tmp_path, pretrainings, monkeypatch):
     assert {cell.args for cell in cells} == {("--warmup_epochs", "2"), ("--modality", "mri", "--warmup_epochs", "2")}
 
 
+def test_backbones_pretrain_each_method_on_each_network_in_folders_named_by_it(tmp_path, pretrainings):
+    argv = [*ARGV, "--methods", "dhr", "vox2vec", "--output_dir", str(tmp_path), "--pretrain_args", "--epochs 7"]
+    compare.main([*argv, "--backbones", "fpn3d", "segresnet", "--backbone_args", "segresnet={'init_filters': 8}"])
+    assert [args for _, _, args in pretrainings] == [
+        ["--epochs", "7"],
+        ["--epochs", "7"],
+        ["--epochs", "7", "--backbone", "segresnet", "--backbone_args", "{'init_filters': 8}"],
+        ["--epochs", "7", "--backbone", "segresnet", "--backbone_args", "{'init_filters': 8}"],
+    ]
+    folders = {p.name.rsplit("_", 1)[0] for p in tmp_path.glob("pretrain_*")}
+    assert folders == {"pretrain_dhr", "pretrain_vox2vec", "pretrain_dhr_segresnet", "pretrain_vox2vec_segresnet"}
+    with open(tmp_path / "study/results.csv") as f:
+        assert len({row["init"] for row in csv.DictReader(f)}) == 5  # from scratch and the four backbones
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -115,6 +130,10 @@ def test_compare_takes_the_study_options(tmp_path, pretrainings, monkeypatch):
         (["--method_args", "dhr=--epochs 2", "dhr=--seed 1"], "dhr given twice"),
         (["--method_args", "vox2vec=--output_dir x"], "--output_dir in --method_args vox2vec"),
         (["--method_args", "pcrl=--momentum None"], "--momentum None in --method_args pcrl"),
+        (["--backbones", "resnet"], "--backbones resnet: give one of fpn3d segresnet dynunet unet"),
+        (["--backbones", "unet"], "--backbones unet with --methods pcrl: PCRL pretrains fpn3d only"),
+        (["--methods", "dhr", "--backbone_args", "fpn3d={}"], "NAME one of the MONAI --backbones (none given)"),
+        (["--methods", "dhr", "--pretrain_args", "--backbone unet"], "--backbone in --pretrain_args: give the"),
     ],
 )
 def test_every_argument_is_checked_before_any_pretraining(tmp_path, pretrainings, capsys, argv, message):
