@@ -107,6 +107,8 @@ def test_hybrid_loss_falls_on_a_fixed_batch(name, width):
         optimizer.step()
         losses.append(loss.item())
     assert all(map(torch.isfinite, torch.tensor(losses))) and losses[-1] < losses[0], losses
+    # DistributedDataParallel (find_unused_parameters off) waits for a gradient of every trainable parameter
+    assert all(p.grad is not None for p in network.parameters() if p.requires_grad)
 
 
 def _pretrain(tmp_path, name, args, patch_size, **keys):

@@ -115,6 +115,16 @@ def test_pcrl_ranks_share_queue_teacher_and_weights(tmp_path):
     assert len(list((tmp_path / "out/checkpoints").iterdir())) == 1
 
 
+def test_a_monai_backbone_pretrains_on_two_ranks(tmp_path):
+    """SegResNet's output layer, which DHR does not read, gets no gradient: DDP must not wait for one."""
+    write_volumes(tmp_path / "data", count=2)
+    args = "{'init_filters':8,'blocks_down':[1,1,1],'blocks_up':[1,1]}"
+    result, ranks = pretrain(tmp_path, epochs=1, backbone="segresnet", backbone_args=args)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert_same(ranks[0]["parameters"], ranks[1]["parameters"])
+    assert (tmp_path / "out/pretrained_backbone.pt").is_file()
+
+
 def test_fine_tuning_on_two_ranks(tmp_path):
     write_cases(tmp_path / "data")
     # the warm-up applies to a loaded backbone

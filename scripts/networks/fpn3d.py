@@ -446,6 +446,8 @@ def dhr_network(
         name = f"FPN3d(1, {base_channels}, {num_scales})"
     else:
         network = MonaiBackbone(backbone, backbone_args)
+        for layer in network.output_layers():  # not read: without a gradient, DDP would wait for one at every step
+            layer.requires_grad_(False)
         name = f"{type(network.network).__name__}({network.args}) read at {len(network.out_channels)} decoder levels"
     shift = getattr(network, "first_shift", 0)
     projection = MultiscaleProjection(network.out_channels, projection_width, freeze_projections, seed, shift)
