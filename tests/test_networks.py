@@ -1,4 +1,5 @@
 import copy
+import json
 import math
 import warnings
 
@@ -225,3 +226,68 @@ def test_padded_voxel_slots_change_neither_the_valid_embeddings_nor_the_head_sta
     torch.testing.assert_close(embeddings, reference.head(features[rows][None])[0])
     for (name, a), b in zip(network.head.state_dict().items(), reference.head.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, msg=name)
+
+
+def _dhr_step(network, batch, channels_last: bool) -> tuple[dict, dict]:
+    """One DHR forward and backward on `batch`: the outputs and the gradients."""
+    inputs, targets, _, kwargs = SSLBatch(None, 0, channels_last)(batch, torch.device("cpu"))
+    out = network(inputs, **kwargs)
+    (out["embeddings"].square().mean() + out["restoration"].mean()).backward()
+    grads = {name: p.grad for name, p in network.named_parameters() if p.grad is not None}
+    return {k: v.detach() for k, v in out.items() if isinstance(v, torch.Tensor)}, grads
+
+
+def _voxel_batch(size=(16, 16, 8), pairs=2, k=16) -> dict:
+    views = torch.rand(2, 1, pairs, 1, *size)
+    voxels = torch.stack([torch.randint(0, s, (2, 1, pairs, k)) for s in size], dim=-1)
+    valid = torch.ones(1, pairs, k, dtype=torch.bool)
+    return {"view1": views[0], "view2": views[1], "voxels1": voxels[0], "voxels2": voxels[1], "valid": valid}
+
+
+def test_channels_last_computes_the_same_step_with_weights_and_inputs_in_that_format():
+    from scripts.networks.performance import place
+
+    torch.manual_seed(0)
+    plain = dhr_network(4, 3, projection_width=4)
+    fast = place(copy.deepcopy(plain), torch.device("cpu"), channels_last=True)
+    conv = next(m for m in fast.modules() if isinstance(m, torch.nn.Conv3d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last_3d)
+    batch = _voxel_batch()
+    (out_a, grads_a), (out_b, grads_b) = _dhr_step(plain, batch, False), _dhr_step(fast, batch, True)
+    assert out_a.keys() == out_b.keys() and grads_a.keys() == grads_b.keys()
+    for key in out_a:
+        torch.testing.assert_close(out_a[key], out_b[key], atol=1e-4, rtol=1e-3, msg=key)
+    for key in grads_a:
+        torch.testing.assert_close(grads_a[key], grads_b[key], atol=1e-4, rtol=1e-3, msg=key)
+    assert plain.state_dict().keys() == fast.state_dict().keys()
+
+
+@pytest.mark.slow
+def test_compile_computes_the_same_step_and_keeps_the_state_dict_keys():
+    """torch.compile (inductor, a C++ compiler on CPU): about a minute to compile even this tiny network."""
+    from scripts.networks.performance import place
+
+    torch.manual_seed(0)
+    plain = dhr_network(4, 3, projection_width=4)
+    compiled = place(copy.deepcopy(plain), torch.device("cpu"), compile=True)
+    batch = _voxel_batch()
+    (out_a, grads_a), (out_b, grads_b) = _dhr_step(plain, batch, False), _dhr_step(compiled, batch, False)
+    for key in out_a:
+        torch.testing.assert_close(out_a[key], out_b[key], atol=1e-4, rtol=1e-3, msg=key)
+    for key in grads_a:
+        torch.testing.assert_close(grads_a[key], grads_b[key], atol=1e-4, rtol=1e-3, msg=key)
+    assert plain.state_dict().keys() == compiled.state_dict().keys()
+
+
+def test_the_channels_last_key_trains_a_pretraining_in_that_format(tmp_path):
+    from bundle import PRETRAIN_TINY, run_workflow
+    from test_pretrain_bundle import write_volumes
+
+    write_volumes(tmp_path / "data", count=1)
+    paths = {"dataset_dir": tmp_path / "data", "output_dir": tmp_path / "out", "bundle_root": tmp_path}
+    run = run_workflow("pretrain", "configs/pretrain.yaml", **PRETRAIN_TINY, **paths, epochs=1, channels_last=True)
+    network = run.workflow.parser.get_parsed_content("network")
+    conv = next(m for m in network.modules() if isinstance(m, torch.nn.Conv3d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last_3d)
+    assert (tmp_path / "out/pretrained_backbone.pt").is_file()
+    assert "channels_last" not in json.loads((tmp_path / "out/run.json").read_text())  # the same values, faster

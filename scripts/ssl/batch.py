@@ -7,6 +7,7 @@ import logging
 from collections.abc import Callable
 
 import torch
+from scripts.networks.performance import memory_format
 from scripts.ssl.local_augmentations import LocalAugmentations
 from scripts.ssl.vox2vec_augmentations import Vox2VecAugmentations
 from scripts.utils import distributed
@@ -59,15 +60,20 @@ class SSLBatch:
     Args:
         augment: batched augmentation ``(B, 1, X, Y, Z), generator=... -> (B, 1, X, Y, Z)``, or None for none.
         seed: the run's seed.
+        channels_last: give the network its inputs in the channels-last 3D memory format (as its weights, see
+            `scripts.networks.performance`).
 
     Returns (when called): ``inputs`` (2P, 1, X, Y, Z); ``targets`` dict with ``clean`` (2P, 1, X, Y, Z) and ``valid``
     (P, K); no positional args; kwargs ``voxels`` (2P, K, 3) and ``valid`` (2P, K) for the network (each view's slots
     are valid where its pair's are).
     """
 
-    def __init__(self, augment: Callable[..., torch.Tensor] | None = None, seed: int = 0) -> None:
+    def __init__(
+        self, augment: Callable[..., torch.Tensor] | None = None, seed: int = 0, channels_last: bool = False
+    ) -> None:
         self.augment = augment
         self.seed = seed
+        self.memory_format = memory_format(channels_last)
 
     def __call__(
         self,
@@ -88,6 +94,7 @@ class SSLBatch:
         else:
             inputs = self.augment(clean)
         valid = flat("valid")
+        inputs = inputs.contiguous(memory_format=self.memory_format)
         return inputs, {"clean": clean, "valid": valid}, (), {"voxels": voxels, "valid": torch.cat([valid, valid])}
 
 
