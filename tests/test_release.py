@@ -322,3 +322,16 @@ def test_the_model_card_points_only_to_what_the_release_holds():
     for module in re.findall(r"\bscripts((?:\.\w+)+)", card):
         assert not module.startswith(".tools"), module
     assert not re.search(r"(?<![\w/])README\.md", card.replace("docs/README.md", "")), "the top-level README.md"
+
+
+def test_a_monai_network_model_is_refused_naming_where_its_weights_go(tmp_path):
+    from monai.networks.nets import UNet
+    from scripts.engine.weights import save_weights
+    from scripts.tools.release import describe_weights
+    from scripts.utils.errors import BundleError
+
+    args = {"spatial_dims": 3, "in_channels": 1, "out_channels": 2, "channels": [4, 8], "strides": [2]}
+    info = {"kind": "backbone", "in_channels": 1, "backbone": "unet", "backbone_args": args}
+    save_weights(UNet(**args).state_dict(), tmp_path / "pretrained_backbone.pt", info)
+    with pytest.raises(BundleError, match="weights of MONAI's unet; the release packages FPN3d networks"):
+        describe_weights(tmp_path / "pretrained_backbone.pt", "backbone")

@@ -119,6 +119,12 @@ def describe_weights(path: Path, kind: str) -> dict:
         info = {**weights.read_info(path), "kind": kind}
     except Exception as err:  # torch raises several types (pickle, zip, RuntimeError) for unreadable files
         raise BundleError(f"{path}: cannot be read as a plain state dict ({err}).") from err
+    if info.get("backbone", "fpn3d") != "fpn3d":
+        raise BundleError(
+            f"{path}: weights of MONAI's {info['backbone']}; the release packages FPN3d networks, which "
+            "configs/inference.json builds. Load MONAI network weights into that network's own Zoo bundle (docs/"
+            "README.md, 'Pretrained SegResNet or UNet into a Model Zoo bundle')."
+        )
     if not isinstance(state, Mapping) or "base_channels" not in info:
         raise BundleError(f"{path}: holds no FPN3d weights; give the plain state dict a workflow saved.")
     if kind == "segmentation":
