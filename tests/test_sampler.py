@@ -145,6 +145,25 @@ def cached_volumes(tmp_path, count=3):
     return entries
 
 
+@pytest.mark.parametrize("in_memory", [False, True])
+def test_pairs_from_a_cache_entry_equal_pairs_from_its_array(tmp_path, in_memory):
+    """The chunked entry changes nothing the sampler draws: views, voxels and validity equal those cut from the
+    (1, X, Y, Z) array (the float16 values the entry holds) with the same random stream."""
+    from scripts.data.cache import open_volume, write_entry
+
+    rng = np.random.default_rng(0)
+    body = ellipsoid_body()
+    image = np.where(body, 0.3 + 0.6 * rng.random(SHAPE), 0.0).astype(np.float16)
+    entry = write_entry(tmp_path, "v", {}, image, body, chunk=(8, 8, 4))
+    arrays = {"image": torch.from_numpy(image)[None], "body": torch.from_numpy(body)[None]}
+    sampler = VoxelPairSamplerd(PATCH, num_pairs=6, voxels_per_pair=64)
+    for seed in range(3):
+        expected = sampler(arrays, rng=np.random.default_rng(seed))
+        out = sampler(open_volume(entry, in_memory=in_memory), rng=np.random.default_rng(seed))
+        for key in expected:
+            assert torch.equal(out[key], expected[key]), key
+
+
 def dataset(entries, **kwargs):
     from scripts.ssl.sampler import VoxelPairDataset
 
