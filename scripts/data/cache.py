@@ -103,8 +103,8 @@ POLL_S = 2.0
 _HOST = re.sub(r"[^A-Za-z0-9_.]+", "_", socket.gethostname())[:60] or "host"
 _TEMPORARY = re.compile(r"\.tmp-([A-Za-z0-9_.]+)-(\d+)-.*")
 _ARRAYS = {"image": np.float16, "body": np.uint8}
-# (X, Y, Z) voxels of a chunk: 4 KiB of float16, one page. A 128 x 128 x 32 box then reads about 1.3x its bytes (whole
-# pages of the X, Y, Z layout read 2x), in 45 runs of 9 chunks; larger chunks read more bytes in fewer runs.
+# (X, Y, Z) voxels of a chunk: 4 KiB of float16, one page. A 128 x 128 x 32 box then reads about 1.5x its bytes (whole
+# pages of (Z, X, Y) arrays: 1.9x) in about 45 runs of 9 chunks; larger chunks read more bytes in fewer runs.
 CHUNK = (16, 16, 8)
 
 
