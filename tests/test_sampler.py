@@ -183,6 +183,16 @@ def test_items_are_equal_for_equal_indices_and_differ_between_indices(tmp_path):
     assert len({int(a[s]["volume_index"]) for s in range(30)}) == 3, "every volume is drawn"
 
 
+def test_a_pickled_dataset_maps_its_volumes_again(tmp_path):
+    """As a DataLoader worker started by spawn or forkserver gets it: the same items, from its own maps."""
+    import pickle
+
+    disk = dataset(cached_volumes(tmp_path), seed=1)
+    first = disk[0]  # maps a volume, which does not pickle
+    for key, value in pickle.loads(pickle.dumps(disk))[0].items():
+        assert torch.equal(value, first[key]), key
+
+
 def test_ranks_draw_their_own_volumes_and_streams(tmp_path):
     entries = cached_volumes(tmp_path, count=4)
     drawn = [{int(dataset(entries, rank=r, world_size=2)[s]["volume_index"]) for s in range(20)} for r in (0, 1)]

@@ -205,6 +205,10 @@ class VoxelPairDataset(torch.utils.data.Dataset):
             for index in self.choices:
                 self._open[index] = open_volume(self.volumes[index], in_memory=True)
 
+    def __getstate__(self) -> dict:
+        # A worker started by pickling (spawn, forkserver) maps the volumes itself: memory maps do not pickle.
+        return {**self.__dict__, "_open": OrderedDict() if not self.in_memory else self._open}
+
     def _volume(self, index: int) -> dict[str, np.ndarray]:
         if index not in self._open:
             self._open[index] = open_volume(self.volumes[index], in_memory=self.in_memory)
