@@ -68,4 +68,4 @@ def test_cache_command_out_of_space_then_resumed(tmp_path):
     result = run_command([sys.executable, "-m", "scripts.data.cache", *args], timeout=HELP_LIMIT, env=command_env())
     assert result.returncode == 0, result.stderr[-3000:]
     assert "using 2 of 2 volumes" in result.stdout + result.stderr
-    assert len(list(tmp_path.glob("cache/*/case*/image.npy"))) == 2
+    assert len(list(tmp_path.glob("cache/*/case*/image.bin"))) == 2

@@ -145,6 +145,25 @@ def cached_volumes(tmp_path, count=3):
     return entries
 
 
+@pytest.mark.parametrize("in_memory", [False, True])
+def test_pairs_from_a_cache_entry_equal_pairs_from_its_array(tmp_path, in_memory):
+    """The chunked entry changes nothing the sampler draws: views, voxels and validity equal those cut from the
+    (1, X, Y, Z) array (the float16 values the entry holds) with the same random stream."""
+    from scripts.data.cache import open_volume, write_entry
+
+    rng = np.random.default_rng(0)
+    body = ellipsoid_body()
+    image = np.where(body, 0.3 + 0.6 * rng.random(SHAPE), 0.0).astype(np.float16)
+    entry = write_entry(tmp_path, "v", {}, image, body, chunk=(8, 8, 4))
+    arrays = {"image": torch.from_numpy(image)[None], "body": torch.from_numpy(body)[None]}
+    sampler = VoxelPairSamplerd(PATCH, num_pairs=6, voxels_per_pair=64)
+    for seed in range(3):
+        expected = sampler(arrays, rng=np.random.default_rng(seed))
+        out = sampler(open_volume(entry, in_memory=in_memory), rng=np.random.default_rng(seed))
+        for key in expected:
+            assert torch.equal(out[key], expected[key]), key
+
+
 def dataset(entries, **kwargs):
     from scripts.ssl.sampler import VoxelPairDataset
 
@@ -162,6 +181,16 @@ def test_items_are_equal_for_equal_indices_and_differ_between_indices(tmp_path):
     assert not torch.equal(a[0]["view1"], a[1]["view1"])
     assert not torch.equal(a[0]["view1"], dataset(entries, seed=2)[0]["view1"])
     assert len({int(a[s]["volume_index"]) for s in range(30)}) == 3, "every volume is drawn"
+
+
+def test_a_pickled_dataset_maps_its_volumes_again(tmp_path):
+    """As a DataLoader worker started by spawn or forkserver gets it: the same items, from its own maps."""
+    import pickle
+
+    disk = dataset(cached_volumes(tmp_path), seed=1)
+    first = disk[0]  # maps a volume, which does not pickle
+    for key, value in pickle.loads(pickle.dumps(disk))[0].items():
+        assert torch.equal(value, first[key]), key
 
 
 def test_ranks_draw_their_own_volumes_and_streams(tmp_path):

@@ -16,7 +16,7 @@ import torch
 from ignite.engine import Engine, Events
 from monai.config import KeysCollection
 from monai.transforms import MapTransform, Randomizable
-from scripts.data.cache import open_volume
+from scripts.data.cache import ChunkedVolume, open_volume
 from scripts.utils import distributed
 from scripts.utils.errors import BundleError
 from scripts.utils.randomness import numpy_rng
@@ -34,11 +34,11 @@ class VoxelPairSamplerd(Randomizable, MapTransform):
     drawn without replacement. Outputs have fixed shapes so that volumes collate into batches; a pair with fewer matched
     voxels marks the unused slots invalid.
 
-    Input (after :func:`scripts.data.preprocessing.preprocessing`, or :func:`scripts.data.cache.open_volume`):
-    ``image`` (1, X, Y, Z) float
-    and ``body`` (1, X, Y, Z) mask (nonzero = body), each spatial size at least ``patch_size``; tensors or numpy arrays,
-    memory-mapped ones included: only the boxes cut and the anchor candidates are read. Output (N = num_pairs,
-    K = voxels_per_pair, P = patch_size):
+    Input (after :func:`scripts.data.preprocessing.preprocessing`): ``image`` (1, X, Y, Z) float and ``body``
+    (1, X, Y, Z) mask (nonzero = body), each spatial size at least ``patch_size``, tensors or numpy arrays; or a cache
+    entry's (X, Y, Z) `scripts.data.cache.ChunkedVolume` of each (:func:`scripts.data.cache.open_volume`), of which
+    only the chunks of the boxes cut and of the anchor candidates are read, the boxes' all requested at once. Output
+    (N = num_pairs, K = voxels_per_pair, P = patch_size):
 
     - ``view1``, ``view2``: (N, 1, *P) float32 patches;
     - ``voxels1``, ``voxels2``: (N, K, 3) int64 indices of the matched voxels within each view's patch;
@@ -78,7 +78,7 @@ class VoxelPairSamplerd(Randomizable, MapTransform):
             rng: source of every random draw; None: one seeded from this transform's state (`set_random_state`).
         """
         image_key, body_key = self.keys
-        image, body = _numpy(data[image_key])[0], _numpy(data[body_key])[0]
+        image, body = _spatial(data[image_key]), _spatial(data[body_key])
         shape = np.asarray(body.shape)
         if np.any(shape < self.patch_size):
             raise ValueError(
@@ -91,11 +91,15 @@ class VoxelPairSamplerd(Randomizable, MapTransform):
         # per axis, the boxes containing anchor a start in [max(0, a - p + 1), min(a, S - p)]
         low, high = np.maximum(anchors - p + 1, 0), np.minimum(anchors, shape - p)
         starts = rng.integers(low[None], high[None] + 1, size=(2, n, 3))
+        overlaps = starts.max(0), starts.min(0) + p  # (n, 3) each: the box both views of a pair contain
+        if isinstance(image, ChunkedVolume):  # the disk serves requests issued together in parallel
+            body.prefetch(*overlaps)
+            image.prefetch(starts.reshape(-1, 3), starts.reshape(-1, 3) + p)
 
         voxels = torch.zeros(2, n, k, 3, dtype=torch.int64)
         valid = torch.zeros(n, k, dtype=torch.bool)
         for i in range(n):
-            lo, hi = starts[:, i].max(0), starts[:, i].min(0) + p
+            lo, hi = overlaps[0][i], overlaps[1][i]
             matched = self._matched(body[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]], k, rng) + lo
             valid[i, : len(matched)] = True
             voxels[:, i, : len(matched)] = torch.from_numpy(matched[None] - starts[:, i, None])
@@ -131,15 +135,18 @@ class VoxelPairSamplerd(Randomizable, MapTransform):
             found = np.concatenate([found, candidates[body[tuple(candidates.T)] != 0]])
             if len(found) >= n:
                 return found[:n]
-        inside = np.argwhere(body)
+        inside = np.argwhere(np.asarray(body))
         if len(inside) == 0:
             raise ValueError("The body mask is empty: no anchor voxel can be drawn.")
         return inside[rng.integers(0, len(inside), size=n)]
 
 
-def _numpy(array: torch.Tensor | np.ndarray) -> np.ndarray:
-    """A numpy view of a CPU tensor (MetaTensor included) or array, without reading or copying its data."""
-    return array.detach().as_subclass(torch.Tensor).numpy() if isinstance(array, torch.Tensor) else array
+def _spatial(array: torch.Tensor | np.ndarray | ChunkedVolume) -> np.ndarray | ChunkedVolume:
+    """The (X, Y, Z) array of a (1, X, Y, Z) CPU tensor (MetaTensor included) or array, a numpy view that reads or
+    copies nothing; a ChunkedVolume as it is."""
+    if isinstance(array, ChunkedVolume):
+        return array
+    return (array.detach().as_subclass(torch.Tensor).numpy() if isinstance(array, torch.Tensor) else array)[0]
 
 
 class VoxelPairDataset(torch.utils.data.Dataset):
@@ -197,6 +204,10 @@ class VoxelPairDataset(torch.utils.data.Dataset):
         if self.in_memory:
             for index in self.choices:
                 self._open[index] = open_volume(self.volumes[index], in_memory=True)
+
+    def __getstate__(self) -> dict:
+        # A worker started by pickling (spawn, forkserver) maps the volumes itself: memory maps do not pickle.
+        return {**self.__dict__, "_open": OrderedDict() if not self.in_memory else self._open}
 
     def _volume(self, index: int) -> dict[str, np.ndarray]:
         if index not in self._open:

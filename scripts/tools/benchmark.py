@@ -10,12 +10,17 @@ networks run on PyTorch's "meta" device (shapes only), and the tensors their for
 pass are summed (`saved_activation_bytes`).
 
 CPU figures, one thread, as one DataLoader worker does it: one batch = ``pairs`` voxel pairs of one volume read from the
-on-disk cache (`scripts.data.cache`, memory-mapped) by `VoxelPairDataset`:
+on-disk cache (`scripts.data.cache`, memory-mapped) by `VoxelPairDataset`, side by side for two layouts of the cached
+arrays, the same boxes from each: ``chunked`` (the cache's, chunks of ``--chunk`` voxels read in runs requested
+together) and ``z-first`` (the layout before it: whole (Z, X, Y) ``.npy`` arrays, read by 4 KiB page faults):
 
-- loading and sampling, with the volume's pages in the OS page cache (warm) and evicted before each batch (cold);
+- loading and sampling, with the volume's pages in the OS page cache (warm) and evicted before each batch (cold:
+  ``posix_fadvise(DONTNEED)``);
 - bytes read per batch: the cache files' pages that are in the page cache after a cold batch (``mincore``; Linux), i.e.
-  what the batch made the OS read, read-ahead included; beside it the bytes of the boxes themselves. Both are compared
-  with the float32 volume's bytes (what a whole-volume cache read per batch);
+  what the batch made the OS read, read-ahead included; beside it the bytes of the boxes themselves and of the float32
+  volume (what a whole-volume cache read per batch);
+- read requests per batch that the disk completed and their mean size (``/sys/dev/block/*/stat``, the whole disk's:
+  other processes' reads count too);
 - DHR's local augmentations of both views (`SSLBatch`), separately.
 
 CUDA figures (when a GPU is present): sampling on the CPU, then augmentation, forward, loss, backward and the optimiser
@@ -50,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--patch", type=int, nargs=3, default=[128, 128, 32], help="patch size (voxels)")
     parser.add_argument("--pairs", type=int, default=10, help="voxel pairs per batch")
     parser.add_argument("--voxels", type=int, default=1024, help="matched voxels per pair")
+    parser.add_argument("--chunk", type=int, nargs=3, default=None, help="chunk (voxels); default: the cache's")
     parser.add_argument("--cache_dir", default=None, help="where the benchmark's cache entry goes (a disk, not tmpfs)")
     parser.add_argument("--memory", action="store_true", help="print memory estimates instead (nothing is run)")
     return parser
@@ -60,7 +66,7 @@ if __name__ == "__main__":
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from scripts.data.cache import write_entry  # noqa: E402
+from scripts.data.cache import CHUNK, write_entry  # noqa: E402
 from scripts.networks.fpn3d import dhr_network  # noqa: E402
 from scripts.networks.segmentation import segmentation_network  # noqa: E402
 from scripts.ssl.batch import SSLBatch  # noqa: E402
@@ -118,36 +124,81 @@ def _cached_bytes(file: Path) -> int:
         return int((pages & 1).sum()) * page
 
 
-def cpu_pipeline(volume: dict, sampler: VoxelPairSamplerd, repeats: int, folder: Path) -> dict[str, float]:
-    """Per batch on one CPU thread: loading + sampling from the on-disk cache, bytes read, augmentation."""
+def _disk_reads(file: Path) -> np.ndarray | None:
+    """(read requests completed, bytes read) so far by the disk holding ``file`` (Linux), None where unknown."""
+    device = os.stat(file).st_dev
+    stat = Path(f"/sys/dev/block/{os.major(device)}:{os.minor(device)}/stat")
+    if not stat.exists():
+        return None
+    fields = stat.read_text().split()
+    return np.array([int(fields[0]), int(fields[2]) * 512])  # sectors are 512 bytes in this file
+
+
+def _write_z_first(folder: Path, image: np.ndarray, body: np.ndarray) -> list[Path]:
+    """The cache's arrays in the layout before chunks: (Z, X, Y) float16 image and uint8 mask as ``.npy`` files."""
+    folder.mkdir()
+    for key, array, dtype in (("image", image, np.float16), ("body", body, np.uint8)):
+        np.save(folder / f"{key}.npy", np.ascontiguousarray(array.transpose(2, 0, 1), dtype=dtype))
+    return [folder / "image.npy", folder / "body.npy"]
+
+
+class _ZFirstDataset(VoxelPairDataset):
+    """`VoxelPairDataset` over `_write_z_first`'s entries, opened as the cache opened them: memory-mapped, without
+    read-around (``MADV_RANDOM``), so that each page a box touches is one 4 KiB read."""
+
+    def _volume(self, index: int) -> dict[str, np.ndarray]:
+        if index not in self._open:
+            self._open[index] = {}
+            for key in ("image", "body"):
+                array = np.load(Path(self.volumes[index]) / f"{key}.npy", mmap_mode="r")
+                array._mmap.madvise(mmap.MADV_RANDOM)
+                self._open[index][key] = array.transpose(1, 2, 0)[None]
+        return self._open[index]
+
+
+def cpu_pipeline(
+    volume: dict, sampler: VoxelPairSamplerd, repeats: int, folder: Path, chunk: tuple[int, int, int] = CHUNK
+) -> dict[str, dict[str, float]]:
+    """Per batch on one CPU thread, for each layout of the cache (``chunked``, ``z-first``): loading + sampling from the
+    on-disk cache cold and warm, bytes and requests read from the disk; and the augmentation of a batch."""
     torch.set_num_threads(1)
     image, body = volume["image"][0].numpy(), volume["body"][0].numpy()
-    entry = write_entry(folder, "benchmark", {"shape": list(image.shape)}, image, body)
-    files = [entry / "image.npy", entry / "body.npy"]
-    out = {
-        "box_mb": 2 * sampler.num_pairs * int(np.prod(sampler.patch_size)) * 2 / 2**20,  # float16 boxes
-        "float32_volume_mb": image.size * 4 / 2**20,
+    chunked = write_entry(folder, "chunked", {}, image, body, chunk=chunk)
+    layouts = {
+        "chunked": (VoxelPairDataset, chunked, [chunked / "image.bin", chunked / "body.bin"]),
+        "z-first": (_ZFirstDataset, folder / "z-first", _write_z_first(folder / "z-first", image, body)),
     }
+    results = {name: {} for name in layouts}
     if sys.platform == "linux":  # first: pages mapped by a live dataset could not be evicted
-        cold, read = [], []
+        cold = {name: {"s": [], "mb": [], "requests": [], "request_kib": []} for name in layouts}
         for s in range(repeats):
-            _evict(files)
-            fresh = VoxelPairDataset([str(entry)], sampler, seed=0, cache="disk", rank=0, world_size=1)
-            start = time.perf_counter()
-            fresh[s]
-            cold.append(time.perf_counter() - start)
-            read.append(sum(_cached_bytes(f) for f in files))
-            del fresh
-        out["loading_and_sampling_cold_s"] = statistics.median(cold)
-        out["read_mb"] = statistics.median(read) / 2**20
-        out["read_fraction_of_float32_volume"] = out["read_mb"] / out["float32_volume_mb"]
-    dataset = VoxelPairDataset([str(entry)], sampler, seed=0, cache="disk", rank=0, world_size=1)
-    samples = iter(range(10**9))  # a new sample index per batch: other boxes each time
-    out["loading_and_sampling_warm_s"] = median_seconds(lambda: dataset[next(samples)], repeats)
+            for name, (dataset_class, entry, files) in layouts.items():  # interleaved: the same load on both
+                _evict(files)
+                fresh = dataset_class([str(entry)], sampler, seed=0, cache="disk", rank=0, world_size=1)
+                before = _disk_reads(files[0])
+                start = time.perf_counter()
+                fresh[s]
+                cold[name]["s"].append(time.perf_counter() - start)
+                cold[name]["mb"].append(sum(_cached_bytes(f) for f in files) / 2**20)
+                if before is not None:
+                    requests, read = _disk_reads(files[0]) - before
+                    cold[name]["requests"].append(requests)
+                    cold[name]["request_kib"].append(read / max(requests, 1) / 2**10)
+                del fresh
+        for name, values in cold.items():
+            results[name] |= {f"cold_{key}": statistics.median(v) for key, v in values.items() if v}
+    for name, (dataset_class, entry, _) in layouts.items():
+        dataset = dataset_class([str(entry)], sampler, seed=0, cache="disk", rank=0, world_size=1)
+        samples = iter(range(10**9))  # a new sample index per batch: other boxes each time
+        results[name]["warm_s"] = median_seconds(lambda: dataset[next(samples)], repeats)  # noqa: B023
     prepare = SSLBatch(LocalAugmentations(), seed=0)
     batch = {k: v[None] for k, v in dataset[0].items()}  # one volume per batch, as collated
-    out["augmentation_s"] = median_seconds(lambda: prepare(batch, torch.device("cpu")), repeats)
-    return out
+    results["all"] = {
+        "box_mb": 2 * sampler.num_pairs * int(np.prod(sampler.patch_size)) * 2 / 2**20,  # float16 boxes
+        "float32_volume_mb": image.size * 4 / 2**20,
+        "augmentation_s": median_seconds(lambda: prepare(batch, torch.device("cpu")), repeats),
+    }
+    return results
 
 
 def cuda_step(volume: dict, sampler: VoxelPairSamplerd, repeats: int, amp: bool) -> dict[str, float]:
@@ -270,9 +321,18 @@ def main() -> None:
     logger.info(
         f"volume {tuple(args.volume)}, {args.pairs} pairs of {tuple(args.patch)} patches, {args.voxels} voxels/pair"
     )
+    chunk = CHUNK if args.chunk is None else tuple(args.chunk)
     with tempfile.TemporaryDirectory(dir=args.cache_dir) as folder:
-        for key, value in cpu_pipeline(volume, sampler, args.repeats, Path(folder)).items():
-            logger.info(f"cpu (1 thread) {key}: {value:.3f}")
+        results = cpu_pipeline(volume, sampler, args.repeats, Path(folder), chunk)
+    for key, value in results.pop("all").items():
+        logger.info(f"cpu (1 thread) {key}: {value:.3f}")
+    print(f"cpu (1 thread), loading and sampling per batch, median of {args.repeats}; chunk {chunk}")
+    print("| layout | cold s | warm s | MB read from disk | disk read requests | KiB per request |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for name, r in results.items():
+        keys = ("cold_s", "warm_s", "cold_mb", "cold_requests", "cold_request_kib")
+        cells = [r.get(key, float("nan")) for key in keys]
+        print(f"| {name} | {cells[0]:.3f} | {cells[1]:.3f} | {cells[2]:.1f} | {cells[3]:.0f} | {cells[4]:.0f} |")
     if torch.cuda.is_available():
         logger.info(f"cuda device: {torch.cuda.get_device_name()}")
         for amp in (True, False):
