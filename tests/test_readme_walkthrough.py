@@ -90,6 +90,12 @@ STEPS = [
     pretraining("--dataset_dir /data/mri", "runs/pretrain_mri", ("/data/mri/",)),
     Step("scripts.tools.benchmark$", "--repeats 1 --volume 48 48 24 --patch 16 16 8 --pairs 2 --voxels 32", (), ()),
     Step("scripts.tools.benchmark --memory", "--patch 16 16 8 --pairs 2 --voxels 32", (), ()),
+    Step(
+        "scripts.tools.benchmark --step",
+        "--repeats 1 --volume 48 48 24 --patch 16 16 8 --pairs 2 --voxels 32 --base_channels 4 --num_scales 3",
+        (),
+        (),
+    ),
     Step(RESUME_HEADING, PRETRAIN, ("runs/pretrain/", "data/demo/"), ("runs/pretrain/",)),
     Step(
         "import_weights runs/pretrain/checkpoints",
@@ -315,6 +321,15 @@ def check(run: Run, returncode: int, repo: Path, data: Path, backbone: bytes | N
         assert (info["method"], info["modality"], info["base_channels"]) == ("vox2vec", "ct_wide", 4)
     if "--modality ct" in run.step.pattern:
         assert json.loads((repo / "runs/pretrain_ct/pretrained_backbone.json").read_text())["modality"] == "ct"
+    if run.step.pattern == "scripts.tools.benchmark --step":  # one row per configuration, no host sync on a CPU
+        rows = re.findall(r"^\| (default|[\w. -]+ on) \| [\d.]+ \| [\d.]+ \| not measured \| (\d+) \|$", output, re.M)
+        assert [name for name, _ in rows] == [
+            "default",
+            "activation checkpointing on",
+            "channels-last on",
+            "torch.compile on",
+        ], output[-3000:]
+        assert all(syncs == "0" for _, syncs in rows), output[-3000:]
 
 
 def kill_group(pid: int) -> None:

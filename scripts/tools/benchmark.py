@@ -4,6 +4,7 @@ Usage (from the bundle root)::
 
     python -m scripts.tools.benchmark [--repeats 10] [--volume 320 240 200] [--patch 128 128 32] [--pairs 10]
     python -m scripts.tools.benchmark --memory [--patch 128 128 32] [--pairs 10]
+    python -m scripts.tools.benchmark --step [--patch 128 128 32] [--pairs 10] [--base_channels 32] [--num_scales 5]
 
 ``--memory`` prints an estimate of the training memory per configuration instead, without running anything: the
 networks run on PyTorch's "meta" device (shapes only), and the tensors their forward pass saves for the backward
@@ -23,9 +24,14 @@ together) and ``z-first`` (the layout before it: whole (Z, X, Y) ``.npy`` arrays
   other processes' reads count too);
 - DHR's local augmentations of both views (`SSLBatch`), separately.
 
-CUDA figures (when a GPU is present): sampling on the CPU, then augmentation, forward, loss, backward and the optimiser
-step of the full DHR network at the given patch and batch size, with bf16 AMP on and off; patches per second count both
-views.
+``--step`` prints one table of the training step instead, on the GPU if there is one, else on the CPU (one thread):
+sampling once, then per step augmentation, forward, loss, backward, gradient clipping and the optimiser step of DHR at
+the given sizes, for the device's default configuration (bf16 AMP on CUDA, none on a CPU) and with one option changed
+at a time: AMP, activation checkpointing, channels-last, torch.compile (its compilation is in warm-up steps, not
+timed). Columns: median seconds per step, patches per second (both views), peak memory (CUDA's allocator; not measured
+on a CPU), and host syncs per step: on CUDA the synchronisations ``torch.cuda.set_sync_debug_mode`` reports in one
+step; on a CPU the operations of one step (the optimiser's own bookkeeping aside) that would make a GPU's host wait:
+reads of a value (``item``) and data-dependent shapes (``nonzero``, ``masked_select``, ...).
 """
 
 import argparse
@@ -39,6 +45,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -58,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--chunk", type=int, nargs=3, default=None, help="chunk (voxels); default: the cache's")
     parser.add_argument("--cache_dir", default=None, help="where the benchmark's cache entry goes (a disk, not tmpfs)")
     parser.add_argument("--memory", action="store_true", help="print memory estimates instead (nothing is run)")
+    parser.add_argument("--step", action="store_true", help="print the training step's table instead (GPU or CPU)")
+    parser.add_argument("--base_channels", type=int, default=32, help="--step: FPN3d's channels of the finest level")
+    parser.add_argument("--num_scales", type=int, default=5, help="--step: FPN3d's pyramid levels")
     return parser
 
 
@@ -68,12 +78,14 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from scripts.data.cache import CHUNK, write_entry  # noqa: E402
 from scripts.networks.fpn3d import dhr_network  # noqa: E402
+from scripts.networks.performance import place  # noqa: E402
 from scripts.networks.segmentation import segmentation_network  # noqa: E402
 from scripts.ssl.batch import SSLBatch  # noqa: E402
 from scripts.ssl.local_augmentations import LocalAugmentations  # noqa: E402
 from scripts.ssl.losses import HybridLoss  # noqa: E402
 from scripts.ssl.sampler import VoxelPairDataset, VoxelPairSamplerd  # noqa: E402
 from scripts.utils import errors, log  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -201,32 +213,96 @@ def cpu_pipeline(
     return results
 
 
-def cuda_step(volume: dict, sampler: VoxelPairSamplerd, repeats: int, amp: bool) -> dict[str, float]:
-    """Full training step of DHR on CUDA: seconds per step, patches per second, peak memory in GiB."""
-    device = torch.device("cuda")
-    network = dhr_network().to(device)
-    optimizer = torch.optim.Adam(network.parameters(), lr=3e-4)
-    loss_function = HybridLoss()
-    prepare = SSLBatch(LocalAugmentations())
+# Operations that make a GPU's host wait: a value read back, or an output shape that depends on the values.
+_HOST_WAITS = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "unique_consecutive"}
+
+
+class _HostWaits(TorchDispatchMode):
+    """Counts the operations of :data:`_HOST_WAITS` run while it is active (any device)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func._schema.name.split("::")[-1] in _HOST_WAITS
+        return func(*args, **(kwargs or {}))
+
+
+_OPTIONS = {
+    "amp": "bf16 AMP",
+    "activation_checkpointing": "activation checkpointing",
+    "channels_last": "channels-last",
+    "compile": "torch.compile",
+}
+
+
+def step_table(
+    volume: dict, sampler: VoxelPairSamplerd, repeats: int, base_channels: int, num_scales: int
+) -> tuple[str, list[dict[str, object]]]:
+    """The DHR training step on the GPU (else the CPU) in the device's default configuration and with one option
+    changed at a time (see the module docstring).
+
+    Returns:
+        the device's name, and one row per configuration: ``configuration``, ``step_s``, ``patches_per_s``,
+        ``peak_memory_gib`` (None on a CPU), ``host_syncs``.
+    """
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    default = {"amp": cuda, "activation_checkpointing": False, "channels_last": False, "compile": False}
+    configurations = {"default": default}
+    for option in [o for o in _OPTIONS if cuda or o != "amp"]:  # AMP: CUDA only
+        configurations[f"{_OPTIONS[option]} {'off' if default[option] else 'on'}"] = {
+            **default,
+            option: not default[option],
+        }
     batch = {k: v[None] for k, v in sampler(volume).items()}
-
-    def step() -> None:
-        inputs, targets, _, kwargs = prepare(batch, device, non_blocking=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-            loss = loss_function(network(inputs, **kwargs), targets)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(network.parameters(), 1.0)
-        optimizer.step()
-
-    torch.cuda.reset_peak_memory_stats()
-    seconds = median_seconds(step, repeats, sync=True)
     patches = 2 * batch["view1"].shape[1]
-    return {
-        "step_s": seconds,
-        "patches_per_s": patches / seconds,
-        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
-    }
+    rows = []
+    for name, options in configurations.items():
+        torch.manual_seed(0)
+        network = dhr_network(base_channels, num_scales, activation_checkpointing=options["activation_checkpointing"])
+        network = place(network, device, options["channels_last"], options["compile"])
+        optimizer = torch.optim.Adam(network.parameters(), lr=3e-4)
+        loss_function = HybridLoss()
+        prepare = SSLBatch(LocalAugmentations(), channels_last=options["channels_last"])
+
+        def step(count: _HostWaits | None = None) -> None:
+            with count or contextlib.nullcontext():
+                inputs, targets, _, kwargs = prepare(batch, device, non_blocking=True)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=options["amp"]):
+                    loss = loss_function(network(inputs, **kwargs), targets)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(network.parameters(), 1.0)
+            optimizer.step()  # Adam reads its step counts, kept on the host on purpose: not a device sync
+
+        for _ in range(2):  # warm-up: compilation, cuDNN's choices, the allocator's pools
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                step()
+                torch.cuda.set_sync_debug_mode("default")
+            syncs = sum("synchroniz" in str(w.message) for w in caught)
+        else:
+            count = _HostWaits()
+            step(count)
+            syncs = count.count
+        seconds = median_seconds(step, repeats, sync=cuda)
+        rows.append(
+            {
+                "configuration": name,
+                "step_s": seconds,
+                "patches_per_s": patches / seconds,
+                "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+                "host_syncs": syncs,
+            }
+        )
+    return (torch.cuda.get_device_name() if cuda else "CPU, 1 thread"), rows
 
 
 def saved_activation_bytes(network: torch.nn.Module, *inputs: torch.Tensor, **kwargs: torch.Tensor) -> int:
@@ -318,6 +394,23 @@ def main() -> None:
     volume = synthetic_volume(tuple(args.volume))
     sampler = VoxelPairSamplerd(args.patch, args.pairs, args.voxels)
     sampler.set_random_state(0)
+    if args.step:
+        if not torch.cuda.is_available():
+            torch.set_num_threads(1)  # as the CPU figures above: one core's time
+        device, rows = step_table(volume, sampler, args.repeats, args.base_channels, args.num_scales)
+        print(
+            f"{device}: DHR step, FPN3d {args.base_channels}/{args.num_scales}, {args.pairs} pairs of "
+            f"{tuple(args.patch)} patches, {args.voxels} voxels/pair; median of {args.repeats} steps"
+        )
+        print("| configuration | s per step | patches per s | peak memory GiB | host syncs per step |")
+        print("| --- | --- | --- | --- | --- |")
+        for r in rows:
+            memory = "not measured" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.2f}"
+            print(
+                f"| {r['configuration']} | {r['step_s']:.3f} | {r['patches_per_s']:.1f} | {memory} "
+                f"| {r['host_syncs']} |"
+            )
+        return
     logger.info(
         f"volume {tuple(args.volume)}, {args.pairs} pairs of {tuple(args.patch)} patches, {args.voxels} voxels/pair"
     )
@@ -333,13 +426,7 @@ def main() -> None:
         keys = ("cold_s", "warm_s", "cold_mb", "cold_requests", "cold_request_kib")
         cells = [r.get(key, float("nan")) for key in keys]
         print(f"| {name} | {cells[0]:.3f} | {cells[1]:.3f} | {cells[2]:.1f} | {cells[3]:.0f} | {cells[4]:.0f} |")
-    if torch.cuda.is_available():
-        logger.info(f"cuda device: {torch.cuda.get_device_name()}")
-        for amp in (True, False):
-            for key, value in cuda_step(volume, sampler, args.repeats, amp).items():
-                logger.info(f"cuda amp={'bf16' if amp else 'off'} {key}: {value:.3f}")
-    else:
-        logger.info("cuda: not available, step time not measured")
+    logger.info("the training step's table: python -m scripts.tools.benchmark --step")
 
 
 if __name__ == "__main__":
