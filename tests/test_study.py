@@ -117,6 +117,20 @@ def test_a_changed_argument_is_a_new_cell_with_its_arguments_recorded(tmp_path, 
     assert len(fake_runs) == 4, "the same arguments again: finished"
 
 
+def test_a_cell_another_study_process_finished_meanwhile_is_not_run_again(tmp_path):
+    grid = study.cells([], ["linear"], [1, 2], [0])
+    calls = []
+    first = fake_runner(calls)
+
+    def runner(cell, root, tracking=None):  # while the first cell runs, another process finishes the second
+        if not calls:
+            fake_runner([])(grid[1], root)
+        return first(cell, root, tracking)
+
+    rows = study.run_study(grid, tmp_path, runner=runner)
+    assert calls == [grid[0]] and len(rows) == 2
+
+
 @pytest.mark.parametrize("content", ["", '{"mean_dice": 0.', "[]"])
 def test_an_unreadable_summary_is_named_and_its_cell_runs_again(tmp_path, fake_runs, capsys, content):
     argv = ["--budgets", "1", "--folds", "0", "--modes", "finetune", "--output_dir", str(tmp_path)]

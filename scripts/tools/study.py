@@ -335,7 +335,8 @@ def run_study(
     logger.info(f"study: {len(grid)} cells in {root}, {done} finished already")
     rows = []
     for cell in grid:
-        summary = finished[cell]
+        # read again at its turn: another study process in the same folder may have finished it meanwhile
+        summary = finished[cell] or read_summary(cell.folder(root))
         if summary is not None:
             logger.info(f"done already: {cell.folder(root)}")
         else:
