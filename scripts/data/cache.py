@@ -494,7 +494,7 @@ def wait_for_entries(datalist: Sequence[dict], folder: Path, stall_s: float = ST
                     metas[i] = {**read_entry(folder / name), "entry": str(folder / name)}
                     last = time.monotonic()
                 except ValueError:
-                    pass  # being built again by rank 0
+                    continue  # being built again by rank 0: read at a later poll
         if len(metas) < len(names):
             if time.monotonic() - last > stall_s:
                 raise BundleError(
