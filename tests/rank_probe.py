@@ -11,7 +11,8 @@ from torch import nn
 
 class RankProbe:
     """Records a hash of every batch this rank drew and, at the end, writes ``<folder>/rank<r>.pt`` with the hashes,
-    the final iteration and the network's parameters and buffers. With ``nan_rank`` set, that rank's input batch of
+    the final iteration, the network's parameters and buffers and whether the trainer's DDP wrapper searched for
+    unused parameters. With ``nan_rank`` set, that rank's input batch of
     iteration ``nan_iteration`` is made NaN (to test the non-finite check across ranks)."""
 
     def __init__(self, network: nn.Module, folder: str, nan_rank: int = -1, nan_iteration: int = 0) -> None:
@@ -39,6 +40,7 @@ class RankProbe:
             {
                 "batches": self.batches,
                 "iteration": engine.state.iteration,
+                "find_unused_parameters": engine.network.find_unused_parameters,
                 "parameters": {k: v.detach().clone() for k, v in module.named_parameters()},
                 "buffers": {k: v.clone() for k, v in module.named_buffers()},
             },

@@ -140,6 +140,9 @@ def test_fine_tuning_on_two_ranks(tmp_path):
     assert_same(ranks[0]["parameters"], ranks[1]["parameters"])
     assert sorted(p.name for p in (tmp_path / "out").glob("model.*")) == ["model.json", "model.pt"]
     assert result.stdout.count("epoch 2: backbone unfrozen") == 2  # both ranks, warm-up over DDP
+    assert [r["find_unused_parameters"] for r in ranks] == [False, False]
+    loaded = {f"backbone.{k}": v for k, v in backbone.named_parameters()}
+    assert all(not torch.equal(ranks[0]["parameters"][k], v) for k, v in loaded.items()), "the backbone trained"
 
 
 def test_gathered_info_nce_and_gradients_equal_one_process_on_all_embeddings(tmp_path):

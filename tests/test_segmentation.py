@@ -4,6 +4,7 @@ import warnings
 
 import pytest
 import torch
+import torch.distributed as dist
 from ignite.engine import Events
 from monai.engines import SupervisedTrainer
 from scripts.networks.fpn3d import FPN3d
@@ -15,6 +16,7 @@ from scripts.networks.segmentation import (
     segmentation_network,
 )
 from scripts.utils.errors import BundleError
+from torch.nn.parallel import DistributedDataParallel
 
 
 def _script(module):
@@ -110,8 +112,9 @@ def test_freeze_backbone():
     assert not any(m.training for m in net.modules())
 
 
-def _run_trainer(warmup_epochs: int | str, max_epochs: int, pretrained: bool = True):
-    """Trains a tiny net with SupervisedTrainer; returns the net and the (backbone, head) states after each epoch."""
+def _run_trainer(warmup_epochs: int | str, max_epochs: int, pretrained: bool = True, distributed: bool = False):
+    """Trains a tiny net with SupervisedTrainer; returns the net and the (backbone, head) states after each epoch, and
+    the trainer's network during each epoch."""
     torch.manual_seed(0)
     net = segmentation_network(2, 2, 2)
     data = [{"image": torch.rand(2, 1, 8, 8, 8), "label": (torch.rand(2, 2, 8, 8, 8) > 0.5).float()} for _ in range(2)]
@@ -123,16 +126,18 @@ def _run_trainer(warmup_epochs: int | str, max_epochs: int, pretrained: bool = T
         optimizer=torch.optim.Adam(net.parameters(), 1e-2),  # all parameters, frozen ones included
         loss_function=torch.nn.BCEWithLogitsLoss(),
     )
-    BackboneWarmup(net, warmup_epochs, pretrained).attach(trainer)
+    BackboneWarmup(net, warmup_epochs, pretrained, distributed).attach(trainer)
     states = [(_state(net.backbone), _state(net.head))]
     trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda _: states.append((_state(net.backbone), _state(net.head))))
+    networks = []
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda engine: networks.append(engine.network))
     trainer.run()
-    return net, states
+    return net, states, networks
 
 
 def test_backbone_warmup_with_supervised_trainer(caplog):
     caplog.set_level(logging.INFO)
-    net, states = _run_trainer(warmup_epochs=1, max_epochs=2)
+    net, states, _ = _run_trainer(warmup_epochs=1, max_epochs=2)
     (backbone0, head0), (backbone1, head1), (backbone2, _) = states
     assert _same(backbone0, backbone1)  # epoch 1: weights and BN buffers untouched although Adam holds them
     assert not _same(head0, head1)
@@ -143,9 +148,29 @@ def test_backbone_warmup_with_supervised_trainer(caplog):
     assert "epoch 2: backbone unfrozen, all parameters train" in out
 
 
+@pytest.fixture
+def process_group(tmp_path):
+    """A one-process gloo group, as torchrun would start it."""
+    dist.init_process_group("gloo", init_method=(tmp_path / "store").as_uri(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_under_torchrun_each_phase_trains_in_its_own_ddp_without_the_unused_parameter_search(process_group):
+    net, states, networks = _run_trainer(warmup_epochs=1, max_epochs=3, distributed=True)
+    assert all(isinstance(n, DistributedDataParallel) and not n.find_unused_parameters for n in networks)
+    warm_up, first_unfrozen, second_unfrozen = networks
+    assert warm_up is not first_unfrozen and first_unfrozen is second_unfrozen  # a new wrapper at the switch only
+    # 2 steps an epoch: a wrapper expecting gradients the step does not make would fail at the second one
+    assert all(n.module is net for n in networks)
+    (backbone0, head0), (backbone1, head1), (backbone2, _), _ = states
+    assert _same(backbone0, backbone1) and not _same(head0, head1)
+    assert not _same(backbone1, backbone2)
+
+
 def test_backbone_frozen_throughout(caplog):
     caplog.set_level(logging.INFO)
-    net, states = _run_trainer(warmup_epochs=5, max_epochs=2)
+    net, states, _ = _run_trainer(warmup_epochs=5, max_epochs=2)
     assert _same(states[0][0], states[-1][0])
     assert not _same(states[0][1], states[-1][1])
     out = caplog.text
@@ -154,7 +179,7 @@ def test_backbone_frozen_throughout(caplog):
 
 def test_from_scratch_the_backbone_is_never_frozen(caplog):
     caplog.set_level(logging.INFO)
-    net, states = _run_trainer(warmup_epochs=1, max_epochs=2, pretrained=False)
+    net, states, _ = _run_trainer(warmup_epochs=1, max_epochs=2, pretrained=False)
     assert not _same(states[0][0], states[1][0]), "a random backbone trains from epoch 1"
     out = caplog.text
     assert "epoch 1: from scratch, no warm-up" in out and "frozen" not in out
@@ -162,7 +187,7 @@ def test_from_scratch_the_backbone_is_never_frozen(caplog):
 
 def test_all_keeps_even_a_random_backbone_frozen(caplog):
     caplog.set_level(logging.INFO)
-    net, states = _run_trainer(warmup_epochs="all", max_epochs=2, pretrained=False)
+    net, states, _ = _run_trainer(warmup_epochs="all", max_epochs=2, pretrained=False)
     assert _same(states[0][0], states[-1][0]), "linear evaluation of random features: the from-scratch reference"
     assert "epochs 1-2: backbone frozen" in caplog.text
 

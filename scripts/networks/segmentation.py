@@ -18,7 +18,7 @@ from monai.losses import DiceLoss
 from scripts.import_weights import load_backbone
 from scripts.networks.backbones import MonaiBackbone, load_pretrained
 from scripts.networks.fpn3d import FPN3d, ResBlock3d
-from scripts.utils.distributed import unwrap
+from scripts.utils.distributed import data_parallel, unwrap
 from scripts.utils.errors import BundleError, InvalidInputError
 from torch import Tensor
 
@@ -294,10 +294,17 @@ class BackboneWarmup:
     all parameters from the start: Adam skips parameters whose gradient is None, which frozen ones keep, so it need
     not be re-created at the switch.
 
+    Under ``torchrun`` (``distributed``) the handler also wraps the network in ``DistributedDataParallel``, once per
+    phase, as the trainer's network: DDP fixes the parameters it reduces when it is built, so a wrapper over the
+    parameters that train in the phase needs no search for unused parameters (``find_unused_parameters``, a walk of
+    every step's graph), whereas one over all of them fails at the second step, lacking the frozen ones' gradients.
+
     Args:
-        network: the network whose backbone is frozen, or its ``DistributedDataParallel`` wrapper.
+        network: the network whose backbone is frozen (the trainer's network, or its ``DistributedDataParallel``
+            wrapper without ``distributed``).
         warmup_epochs: number of epochs with a frozen backbone (0 trains everything from the start), or ``"all"``.
         pretrained: whether the backbone was loaded from a file; False means from scratch.
+        distributed: whether to wrap the network in ``DistributedDataParallel`` at the start and at the switch.
 
     Raises:
         BundleError: naming the key ``warmup_epochs`` when it is neither a number >= 0 nor ``"all"``.
@@ -308,6 +315,7 @@ class BackboneWarmup:
         network: SegmentationNet | nn.parallel.DistributedDataParallel,
         warmup_epochs: int | str,
         pretrained: bool = True,
+        distributed: bool = False,
     ) -> None:
         if warmup_epochs != "all" and not (isinstance(warmup_epochs, int) and warmup_epochs >= 0):
             raise BundleError(
@@ -316,6 +324,7 @@ class BackboneWarmup:
         self.network = network
         self.warmup_epochs = warmup_epochs
         self.pretrained = pretrained
+        self.distributed = distributed
         self._frozen: bool | None = None  # state last announced; None before the first epoch
 
     def attach(self, engine: Engine) -> None:
@@ -324,10 +333,14 @@ class BackboneWarmup:
     def __call__(self, engine: Engine) -> None:
         epoch = engine.state.epoch  # already the epoch about to run at EPOCH_STARTED
         frozen = self.warmup_epochs == "all" or (self.pretrained and epoch <= self.warmup_epochs)
-        unwrap(self.network).freeze_backbone(frozen)
+        module = unwrap(self.network)
+        module.freeze_backbone(frozen)
         if frozen == self._frozen:
             return
         self._frozen = frozen
+        if self.distributed:
+            engine.network = module  # the previous phase's wrapper goes, and its gradient hooks with it
+            engine.network = data_parallel(module)
         if frozen:
             end = engine.state.max_epochs or epoch
             last = end if self.warmup_epochs == "all" else min(self.warmup_epochs, end)

@@ -28,6 +28,7 @@ __all__ = [
     "destroy_process_group",
     "main_first",
     "unwrap",
+    "data_parallel",
     "all_gather",
     "all_gather_with_grad",
     "average_",
@@ -145,6 +146,14 @@ def main_first(fn: Callable[..., T], *args, **kwargs) -> T:
 def unwrap(network: nn.Module) -> nn.Module:
     """The network inside a ``DistributedDataParallel`` wrapper, or `network` itself."""
     return network.module if isinstance(network, nn.parallel.DistributedDataParallel) else network
+
+
+def data_parallel(module: nn.Module) -> nn.parallel.DistributedDataParallel:
+    """`module` (on this process's device) in a ``DistributedDataParallel`` that reduces the gradients of the
+    parameters that require one now, and only those: DDP fixes that set when it is built. A collective (it broadcasts
+    rank 0's parameters and buffers), so every rank calls it at the same point."""
+    device = next(module.parameters()).device
+    return nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def all_gather(tensor: torch.Tensor) -> torch.Tensor:
