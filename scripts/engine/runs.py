@@ -176,28 +176,40 @@ class RunLock:
         Raises:
             BundleError: naming the holder's PID when another process holds it.
         """
+        holder = self.try_acquire()
+        if holder is not None:
+            raise BundleError(
+                f"{self.path.parent} is in use by another run (PID {holder}; lock file {self.path}): wait for it to "
+                "end or stop it, or run this one in its own folder with --output_dir <new folder>."
+            )
+
+    def try_acquire(self) -> str | None:
+        """Takes the lock for the life of this process if no other process holds it (again: nothing to do).
+
+        Returns:
+            None when this process holds the lock, else the holder's PID as its lock file says ("unknown" before the
+            holder has written it).
+        """
         if self.path in self._held:
-            return
+            return None
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            raise BundleError(
-                f"{self.path.parent} is in use by another run (PID {holder}; lock file {self.path}): wait for it to "
-                "end or stop it, or run this one in its own folder with --output_dir <new folder>."
-            ) from None
+            return holder
         try:
             same_file = os.fstat(fd).st_ino == os.stat(self.path).st_ino
         except FileNotFoundError:
             same_file = False
         if not same_file:  # the holder removed the file between our open and flock: lock the new one
             os.close(fd)
-            return self.acquire()
+            return self.try_acquire()
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._held[self.path] = fd
+        return None
 
     def release(self) -> None:
         """Removes the lock file and drops the lock (not held: nothing to do). The file is removed while the flock is
