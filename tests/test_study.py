@@ -3,6 +3,7 @@
 import csv
 import importlib
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -129,6 +130,77 @@ def test_a_cell_another_study_process_finished_meanwhile_is_not_run_again(tmp_pa
 
     rows = study.run_study(grid, tmp_path, runner=runner)
     assert calls == [grid[0]] and len(rows) == 2
+
+
+# Another study process running a cell: it holds the cell's lock as RunLock does, has written to the cell's log, and
+# ends (with or without the cell's summary) once told to on stdin, a moment later.
+HOLDER = """
+import fcntl, json, os, sys, time
+from pathlib import Path
+folder = Path(sys.argv[1])
+folder.mkdir(parents=True)
+fd = os.open(folder / "cell.lock", os.O_RDWR | os.O_CREAT, 0o644)
+fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+os.write(fd, f"{os.getpid()}\\n".encode())
+(folder / "log.txt").write_text("the holder's run\\n")
+print("locked", flush=True)
+sys.stdin.readline()
+time.sleep(0.5)
+if sys.argv[2] == "with its summary":
+    (folder / "evaluation").mkdir()
+    (folder / "evaluation" / "summary.json").write_text(json.dumps({"mean_dice": 0.9}))
+"""
+
+
+@pytest.mark.parametrize("holder_ends", ["with its summary", "without it"])
+def test_a_cell_another_study_process_runs_is_left_to_it_and_taken_up_after_the_others(
+    tmp_path, fake_runs, monkeypatch, caplog, holder_ends
+):
+    fake_bundle_run = study.bundle_run
+
+    def bundle_run(run_id, configs, keys, extra, log):  # says in the cell's log which process ran it
+        log.write(f"{run_id} by {os.getpid()}\n")
+        log.flush()
+        fake_bundle_run(run_id, configs, keys, extra, log)
+
+    monkeypatch.setattr(study, "bundle_run", bundle_run)
+    grid = study.cells([], ["linear"], [1, 2], [0])
+    locked = grid[0].folder(tmp_path)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(locked), holder_ends],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    calls = []
+
+    def runner(cell, root, tracking=None):
+        assert (cell.folder(root) / "cell.lock").read_text() == f"{os.getpid()}\n", "held over the whole cell"
+        calls.append(cell)
+        summary = study.run_cell(cell, root, tracking)
+        if cell == grid[1]:  # the other cells are done: the holder ends a moment later, while the study waits
+            holder.stdin.write("end\n")
+            holder.stdin.flush()
+        return summary
+
+    caplog.set_level(logging.INFO, logger="scripts")
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        start = time.monotonic()
+        rows = study.run_study(grid, tmp_path, runner=runner, poll_s=0.05)
+        assert time.monotonic() - start < 5
+    finally:
+        holder.kill()
+        holder.wait()
+    finished = holder_ends == "with its summary"
+    assert calls == ([grid[1]] if finished else [grid[1], grid[0]])
+    assert [row["mean_dice"] for row in rows] == [0.9 if finished else 0.5, 0.5], "in the grid's order"
+    ours = "" if finished else f"run by {os.getpid()}\nevaluate by {os.getpid()}\n"
+    assert (locked / "log.txt").read_text() == "the holder's run\n" + ours, "nothing while the holder ran it"
+    assert not any(tmp_path.rglob("cell.lock")), "released after each cell"
+    deferred = f"deferred: {locked}: another process (PID {holder.pid}) runs it; back to it after the other cells"
+    assert caplog.messages.count(deferred) == 1
+    assert caplog.messages.count(f"waiting for {locked}: another process (PID {holder.pid}) runs it") == 1
 
 
 @pytest.mark.parametrize("content", ["", '{"mean_dice": 0.', "[]"])

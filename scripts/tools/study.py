@@ -34,6 +34,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -70,6 +71,7 @@ import numpy as np  # noqa: E402
 from monai.bundle import ConfigParser  # noqa: E402
 from scripts.data.demo import prepare_demo  # noqa: E402
 from scripts.data.splits import datalist_digest, labelled_datalist  # noqa: E402
+from scripts.engine.runs import RunLock  # noqa: E402
 from scripts.engine.weights import file_digest, read_info  # noqa: E402
 from scripts.utils import errors, log  # noqa: E402
 from scripts.utils.cli import given_keys, given_value  # noqa: E402
@@ -324,34 +326,75 @@ def warn_of_other_data(grid: Sequence[Cell], root: Path) -> None:
 
 
 def run_study(
-    grid: Sequence[Cell], root: Path, runner: Callable[..., dict] | None = None, tracking: Tracking | None = None
+    grid: Sequence[Cell],
+    root: Path,
+    runner: Callable[..., dict] | None = None,
+    tracking: Tracking | None = None,
+    poll_s: float = 5.0,
 ) -> list[dict]:
     """Runs every unfinished cell (with ``runner``, default :func:`run_cell`; finished ones are read back), then writes
-    ``results.csv``; returns its rows."""
+    ``results.csv``, one row per cell in ``grid``'s order; returns its rows.
+
+    Study processes may share ``root``: each holds a cell's ``cell.lock`` (:class:`RunLock`) while it runs the cell. A
+    cell another process holds is left to it until every other cell is done, then its lock is waited for (tried every
+    ``poll_s`` seconds) and its summary read back, or, if that process ended without one, the cell is run here.
+    """
     runner = runner or run_cell
     warn_of_other_data(grid, root)
-    finished = {cell: read_summary(cell.folder(root)) for cell in grid}
-    done = sum(summary is not None for summary in finished.values())
+    summaries = {cell: read_summary(cell.folder(root)) for cell in grid}
+    done = sum(summary is not None for summary in summaries.values())
     logger.info(f"study: {len(grid)} cells in {root}, {done} finished already")
-    rows = []
+    deferred = []
     for cell in grid:
-        # read again at its turn: another study process in the same folder may have finished it meanwhile
-        summary = finished[cell] or read_summary(cell.folder(root))
-        if summary is not None:
+        if summaries[cell] is not None:
             logger.info(f"done already: {cell.folder(root)}")
-        else:
-            logger.info(f"running: {cell.folder(root)}")
-            summary = runner(cell, root, tracking)
-        rows.append(
-            {"init": cell.init, "preset": cell.preset, "mode": cell.mode, "budget": cell.budget, "fold": cell.fold}
-            | {k: v for k, v in summary.items() if isinstance(v, int | float)}
-        )
+            continue
+        summaries[cell] = _run_locked(cell, root, runner, tracking)
+        if summaries[cell] is None:
+            deferred.append(cell)
+    for cell in deferred:
+        summaries[cell] = _run_locked(cell, root, runner, tracking, poll_s)
+    rows = [
+        {"init": cell.init, "preset": cell.preset, "mode": cell.mode, "budget": cell.budget, "fold": cell.fold}
+        | {k: v for k, v in summaries[cell].items() if isinstance(v, int | float)}
+        for cell in grid
+    ]
     columns = list(dict.fromkeys(k for row in rows for k in row))
     with open(root / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, columns)
         writer.writeheader()
         writer.writerows(rows)
     return rows
+
+
+def _run_locked(
+    cell: Cell, root: Path, runner: Callable[..., dict], tracking: Tracking | None, poll_s: float | None = None
+) -> dict | None:
+    """The summary of ``cell``, read back if it is finished, else run with ``runner``, under its folder's
+    ``cell.lock``. While another process holds that lock: with ``poll_s`` None, returns None (deferred), else waits for
+    it, trying every ``poll_s`` seconds."""
+    folder = cell.folder(root)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(folder / "cell.lock")
+    holder = lock.try_acquire()
+    if holder is not None and poll_s is None:
+        logger.info(f"deferred: {folder}: another process (PID {holder}) runs it; back to it after the other cells")
+        return None
+    if holder is not None:
+        logger.info(f"waiting for {folder}: another process (PID {holder}) runs it")
+    while holder is not None:
+        time.sleep(poll_s)
+        holder = lock.try_acquire()
+    try:
+        # read under the lock: another process may have finished the cell since this one last looked
+        summary = read_summary(folder)
+        if summary is not None:
+            logger.info(f"done already: {folder}")
+            return summary
+        logger.info(f"running: {folder}")
+        return runner(cell, root, tracking)
+    finally:
+        lock.release()
 
 
 def plot(rows: Sequence[dict], path: Path, metric: str = "mean_dice") -> None:
