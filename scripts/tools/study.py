@@ -15,9 +15,12 @@ every argument of its runs, and the SHA-256 of the labelled datalist they read: 
 times), of which ``<digest>`` is a hash. Arguments after ``--`` go to every run (e.g. shorter schedules). A cell whose
 folder holds a readable ``evaluation/summary.json`` is finished and not run again, so an interrupted study resumes (an
 unreadable summary is warned about and its cell runs again), while a changed argument, backbone or label file is a new
-cell. The results go to ``<output_dir>/results.csv`` (one row per cell: initialisation, the preprocessing preset of its
-runs, protocol, budget, fold and test metrics) and ``<output_dir>/label_efficiency.png`` (mean and spread over folds, as
-Figure 1 of the DHR paper; the legend names each initialisation's preset). With ``--tracking mlflow`` the study is one
+cell. Study processes may share ``<output_dir>`` (one per GPU, say): each runs a cell under its folder's ``cell.lock``,
+and a cell another process is running is left to it until the other cells are done, then read back once that process
+ends (run here if it ended without a summary). The results go to ``<output_dir>/results.csv`` (one row per cell:
+initialisation, the preprocessing preset of its runs, protocol, budget, fold and test metrics) and
+``<output_dir>/label_efficiency.png`` (mean and spread over folds, as Figure 1 of the DHR paper; the legend names each
+initialisation's preset). With ``--tracking mlflow`` the study is one
 MLflow experiment in ``<output_dir>/mlruns.db``: one run per cell (its training run, named
 ``<init>/<mode>/n<budget>_f<fold>``, with the test metrics added) and a ``label_efficiency`` run holding the table and
 the plot. """
