@@ -14,8 +14,10 @@ from monai.data import MetaTensor
 from monai.inferers import SlidingWindowInferer
 from scripts.data.splits import labelled_datalist, split_cases
 from scripts.engine.evaluation import EvaluationSummary, HausdorffDistanceMM
+from scripts.engine.validation import sw_batch_size, windows_that_fit
 from scripts.networks.fpn3d import FPN3d
 from scripts.networks.segmentation import segmentation_network
+from scripts.utils.errors import BundleError
 
 CONFIGS = ["configs/train.yaml", "configs/evaluate.yaml"]
 TINY = {"patch_size": [16, 16, 8], "base_channels": 4, "num_scales": 3, "num_classes": 2, "num_workers": 0}
@@ -214,3 +216,40 @@ def test_evaluate_writes_per_case_csv_summary_overlays_and_logs_to_mlflow(labell
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"summary.json", "dice_raw.csv", "hd95_raw.csv"} <= artifacts
     assert any(a.endswith(".png") for a in artifacts)
+
+
+@pytest.mark.parametrize(("window_gib", "free_gib", "expected"), [(1, 10, 5), (3, 4, 1), (0.01, 70, 32), (8, 4, 1)])
+def test_sliding_windows_per_pass_fill_half_the_free_memory(window_gib, free_gib, expected):
+    assert windows_that_fit(int(window_gib * 2**30), int(free_gib * 2**30)) == expected
+
+
+def test_sliding_windows_per_pass_are_given_or_one_on_cpu():
+    network = segmentation_network(2, 4, 3)
+    assert sw_batch_size(network, [16, 16, 8], torch.device("cpu"), amp=False) == 1
+    assert sw_batch_size(network, [16, 16, 8], "cpu", amp=False, given=6) == 6
+
+
+@pytest.mark.parametrize("given", [0, -2, 1.5, True, "four"])
+def test_a_bad_sw_batch_size_is_refused_naming_the_key(given):
+    with pytest.raises(BundleError, match=r"sw_batch_size=.*number of windows >= 1"):
+        sw_batch_size(segmentation_network(2, 4, 3), [16, 16, 8], "cpu", amp=False, given=given)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="sizes sliding windows to a GPU's free memory")
+def test_sliding_windows_per_pass_are_measured_on_the_gpu():
+    network = segmentation_network(2, 8, 4).cuda().train()
+    size = sw_batch_size(network, [64, 64, 32], torch.device("cuda"), amp=True)
+    assert 1 <= size <= 32 and network.training
+
+
+# evaluate.yaml runs train.yaml's validation inferer
+@pytest.mark.parametrize("config", [["configs/train.yaml"], ["configs/inference.json"]])
+def test_the_sw_batch_size_key_reaches_the_inferer(config, tmp_path):
+    parser = ConfigParser()
+    parser.read_config([str(ROOT / c) for c in config])
+    parser.update({**TINY, "bundle_root": str(tmp_path), "device": "cpu", "amp": False})
+    inferer = "evaluator#inferer" if "inference" in config[0] else "validate#inferer"
+    assert parser.get_parsed_content(inferer).sw_batch_size == 1
+    parser.update({"sw_batch_size": 3})
+    parser.parse()
+    assert parser.get_parsed_content(inferer).sw_batch_size == 3
