@@ -2,8 +2,11 @@
 
 import json
 
+import pytest
+from bundle import ROOT
 from ignite.engine import Engine
 from mlflow import MlflowClient
+from monai.bundle import ConfigParser
 from monai.handlers import MLFlowHandler
 from scripts.utils import tracking
 
@@ -49,3 +52,19 @@ def test_add_artifacts_extends_only_the_mlflow_handlers(tmp_path):
     other = object()
     tracking.add_artifacts([handler, other], tmp_path / "evaluation")
     assert tuple(handler.artifacts) == ("config.json", str(tmp_path / "evaluation"))
+
+
+@pytest.mark.parametrize(
+    ("configs", "keys", "name"),
+    [
+        (["pretrain.yaml"], {}, "dhr"),
+        (["pretrain.yaml"], {"backbone": "segresnet", "projection_width": "raw"}, "dhr segresnet projection_width=raw"),
+        (["pretrain.yaml", "pretrain_vox2vec.yaml"], {}, "vox2vec"),
+        (["pretrain.yaml", "pretrain_vox2vec.yaml"], {"backbone": "unet"}, "vox2vec unet"),
+    ],
+)
+def test_a_pretraining_run_is_named_by_its_method_network_and_ablations(configs, keys, name):
+    parser = ConfigParser()
+    parser.read_config([str(ROOT / "configs" / c) for c in configs])
+    parser.update(keys)
+    assert parser.get_parsed_content("run_name") == name

@@ -122,10 +122,11 @@ def _unfinished_run_params(handler) -> dict[str, str]:
     return runs[-1].data.params if runs else {}
 
 
-def pretrain_run_name(method: str, **settings) -> str:
-    """``method``, then each ablation setting that differs from DHR's default, e.g. ``dhr projection_width=raw``."""
+def pretrain_run_name(method: str, backbone: str = "fpn3d", **settings) -> str:
+    """``method``, the network unless it is FPN3d, then each ablation setting that differs from DHR's default, e.g.
+    ``dhr projection_width=raw`` or ``dhr segresnet``."""
     changed = [f"{key}={value}" for key, value in settings.items() if key in _DHR and value != _DHR[key]]
-    return " ".join([method, *changed])
+    return " ".join([method, *([backbone] if backbone != "fpn3d" else []), *changed])
 
 
 def downstream_run_name(
