@@ -31,7 +31,7 @@ def _prepare(tmp_path, files, modality="ct", **kwargs):
 
 
 def _entries(tmp_path):
-    return sorted(p.name for p in tmp_path.joinpath("cache").glob("*/*"))
+    return sorted(p.name for p in tmp_path.joinpath("cache").glob("*/*") if p.is_dir())
 
 
 def test_entry_holds_the_preprocessed_volume_as_memory_mappable_arrays(tmp_path):
@@ -94,7 +94,32 @@ def test_only_this_hosts_stale_temporaries_are_removed(tmp_path):
         os.utime(f"{folder}/{leftover}", (mtime, mtime))
     assert _prepare(tmp_path, [file]) == [entry]
     kept = [temporaries[k][0] for k in ("this host, recent", "another host, stale")]
-    assert sorted(os.listdir(folder)) == sorted([name, *kept])
+    assert sorted(os.listdir(folder)) == sorted([name, *kept, "folder.json"])
+
+
+def test_folders_another_version_made_for_the_same_data_are_named_with_their_size(tmp_path):
+    file = _save(_phantom()[0], tmp_path / "case.nii.gz")
+    (entry,) = _prepare(tmp_path, [file])
+    folder = os.path.dirname(entry)
+    with open(os.path.join(folder, "folder.json")) as f:
+        description = json.load(f)
+    assert description["patch_size"] == list(PATCH) and description["definition"] == definition_digest()
+    others = {  # another version of the code; of MONAI; the same code for another patch size (in use: not named)
+        "old-code": {**description, "definition": "0" * 12},
+        "old-monai": {**description, "monai": "1.3.0"},
+        "other-patch": {**description, "patch_size": [16, 16, 8]},
+    }
+    for name, other in others.items():
+        os.makedirs(tmp_path / "cache" / name / "entry")
+        (tmp_path / "cache" / name / "folder.json").write_text(json.dumps(other))
+        with open(tmp_path / "cache" / name / "entry" / "image.bin", "wb") as f:
+            f.truncate(200_000_000)  # sparse: the size without the disk space
+    with pytest.warns(CacheWarning, match="2 cache folder") as record:
+        assert _prepare(tmp_path, [file]) == [entry]
+    (message,) = [str(w.message) for w in record if issubclass(w.category, CacheWarning)]
+    assert "(0.4 GB)" in message and "Delete them" in message
+    assert str(tmp_path / "cache" / "old-code") in message and str(tmp_path / "cache" / "old-monai") in message
+    assert "other-patch" not in message
 
 
 def _damage(entry, how):

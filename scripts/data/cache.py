@@ -5,6 +5,7 @@
 boxes it cuts, in a few large reads. Layout::
 
     <cache_dir>/<dataset>-<modality>-<hash>/     one folder per dataset source and transform, shared by runs
+        folder.json                              what the hash covers (below)
         <file name>-<hash>/                      one entry per volume
             image.bin    float16 chunks (GZ, GX, GY, cx, cy, cz): intensities in [0, 1]
             body.bin     uint8 chunks (GZ, GX, GY, cx, cy, cz): body mask (1 = body)
@@ -15,7 +16,8 @@ into a (GX, GY, GZ) grid of chunks stored Z, X, Y; a chunk's voxels are contiguo
 along Y (:class:`ChunkedVolume`).
 
 The folder's hash covers the dataset's folder, the preset, the patch size (small volumes are padded to it), MONAI's
-version and the code that makes an entry (:func:`definition_digest`), so a changed transform never reads old entries;
+version and the code that makes an entry (:func:`definition_digest`), so a changed transform never reads old entries
+(the folders another version made for the same data are named in a warning, with their size, for the user to delete);
 the entry's hash covers the source file's absolute path, size and modification time, so a replaced scan is
 preprocessed again and its old entry removed. An entry is written under a temporary name that carries the host and the
 process (``.tmp-<host>-<pid>-<name>``) and renamed when complete; a temporary left by a killed writer is removed by a
@@ -84,7 +86,9 @@ __all__ = [
     "CacheWarning",
     "ChunkedVolume",
     "definition_digest",
+    "folder_description",
     "cache_folder",
+    "superseded_folders",
     "entry_name",
     "read_entry",
     "open_volume",
@@ -103,13 +107,14 @@ POLL_S = 2.0
 _HOST = re.sub(r"[^A-Za-z0-9_.]+", "_", socket.gethostname())[:60] or "host"
 _TEMPORARY = re.compile(r"\.tmp-([A-Za-z0-9_.]+)-(\d+)-.*")
 _ARRAYS = {"image": np.float16, "body": np.uint8}
+_FOLDER_FILE = "folder.json"
 # (X, Y, Z) voxels of a chunk: 4 KiB of float16, one page. A 128 x 128 x 32 box then reads about 1.5x its bytes (whole
 # pages of (Z, X, Y) arrays: 1.9x) in about 45 runs of 9 chunks; larger chunks read more bytes in fewer runs.
 CHUNK = (16, 16, 8)
 
 
 class CacheWarning(UserWarning):
-    """A damaged cache entry, built again; the message names it."""
+    """A damaged cache entry, built again, or cache folders no run of this version reads; the message names them."""
 
 
 def _hash(*values: object) -> str:
@@ -146,6 +151,25 @@ def definition_digest() -> str:
     return _hash(*map(_code, code), CHUNK, {key: np.dtype(dtype).str for key, dtype in _ARRAYS.items()})
 
 
+def folder_description(
+    datalist: Sequence[dict], modality: str, patch_size: Sequence[int], pixdim: Sequence[float] | None = None
+) -> dict:
+    """What a cache folder's name is a hash of: the dataset source (the folder holding the datalist's images), the
+    preset, the patch size, the code that makes an entry and MONAI's version. Written to its ``folder.json``."""
+    if modality not in PRESETS:
+        raise BundleError(f"Unknown modality={modality!r}: the key `modality` must be one of {sorted(PRESETS)}.")
+    source = os.path.commonpath([os.path.dirname(os.path.abspath(item["image"])) for item in datalist])
+    preset = {**PRESETS[modality], **({"pixdim": list(pixdim)} if pixdim is not None else {})}
+    return {
+        "source": source,
+        "modality": modality,
+        "preset": preset,
+        "patch_size": [int(p) for p in patch_size],
+        "definition": definition_digest(),
+        "monai": monai.__version__,
+    }
+
+
 def cache_folder(
     cache_dir: str | os.PathLike,
     datalist: Sequence[dict],
@@ -153,13 +177,41 @@ def cache_folder(
     patch_size: Sequence[int],
     pixdim: Sequence[float] | None = None,
 ) -> Path:
-    """The folder of one dataset source (the folder holding the datalist's images) and one preprocessing transform."""
-    if modality not in PRESETS:
-        raise BundleError(f"Unknown modality={modality!r}: the key `modality` must be one of {sorted(PRESETS)}.")
-    source = os.path.commonpath([os.path.dirname(os.path.abspath(item["image"])) for item in datalist])
-    preset = {**PRESETS[modality], **({"pixdim": list(pixdim)} if pixdim is not None else {})}
-    key = _hash(definition_digest(), monai.__version__, source, preset, [int(p) for p in patch_size])
-    return Path(cache_dir) / f"{_readable(os.path.basename(source))}-{modality}-{key}"
+    """The folder of one dataset source and one preprocessing transform (:func:`folder_description`)."""
+    d = folder_description(datalist, modality, patch_size, pixdim)
+    key = _hash(d["definition"], d["monai"], d["source"], d["preset"], d["patch_size"])
+    return Path(cache_dir) / f"{_readable(os.path.basename(d['source']))}-{modality}-{key}"
+
+
+def _describe(folder: Path, description: dict) -> None:
+    """Writes ``folder.json`` once (atomically: other hosts may read it)."""
+    file = folder / _FOLDER_FILE
+    if file.is_file():
+        return
+    temporary = _temporary(folder, _FOLDER_FILE)
+    temporary.write_text(json.dumps(description, indent=2) + "\n")
+    os.replace(temporary, file)
+
+
+def superseded_folders(folder: Path, description: dict) -> list[Path]:
+    """The other folders of ``folder``'s cache directory made for the same dataset source, preset and patch size by
+    another version of the entry-making code or of MONAI (their ``folder.json`` says so): no run of this version reads
+    them."""
+    same = ("source", "preset", "patch_size")
+    description = json.loads(json.dumps(description))  # as theirs reads back: tuples become lists
+    found = []
+    for other in sorted(folder.parent.glob(f"*/{_FOLDER_FILE}")):
+        try:
+            theirs = json.loads(other.read_text())
+        except (OSError, ValueError):  # being written, or not ours: not for this check to judge
+            continue
+        if other.parent != folder and all(theirs.get(k) == description[k] for k in same):
+            found.append(other.parent)
+    return found
+
+
+def _size(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
 def entry_name(file: str | os.PathLike) -> str:
@@ -464,7 +516,7 @@ def _remove_leftovers(folder: Path, datalist: Sequence[dict], entries: set[str])
         try:
             if match := _TEMPORARY.fullmatch(path.name):
                 if match.group(1) == _HOST and time.time() - path.stat().st_mtime > STALE_S:
-                    shutil.rmtree(path, ignore_errors=True)
+                    shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
             elif path.name not in entries and (path / "meta.json").is_file():
                 source = json.loads((path / "meta.json").read_text()).get("source")
                 if source in sources:  # the same file with another size or modification time: a replaced scan
@@ -544,6 +596,17 @@ def prepare_volumes(
     if not is_main():
         return [meta["entry"] for meta in wait_for_entries(datalist, folder) if not meta["skipped"]]
     folder.mkdir(parents=True, exist_ok=True)
+    description = folder_description(datalist, modality, patch_size, pixdim)
+    _describe(folder, description)
+    if superseded := superseded_folders(folder, description):
+        gigabytes = sum(map(_size, superseded)) / 1e9
+        warnings.warn(
+            f"{len(superseded)} cache folder(s) of this dataset, preset and patch size were made by another version "
+            f"of the preprocessing or of MONAI, which this one never reads ({gigabytes:.1f} GB): "
+            f"{', '.join(map(str, superseded))}. Delete them unless a run of that version still needs them.",
+            CacheWarning,
+            stacklevel=2,
+        )
     preparation = _Preparation(datalist, folder, modality, patch_size, pixdim)
     # a generator of its own: a loader draws its workers' base seed, which must not move torch's global RNG
     loader = torch.utils.data.DataLoader(
