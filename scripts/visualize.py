@@ -65,7 +65,7 @@ from torch import Tensor  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["load", "embed", "pca_rgb", "similarity", "figure", "main"]
+__all__ = ["load", "level_strides", "embed", "pca_rgb", "similarity", "figure", "main"]
 
 PANEL_INCHES = 1.6  # side of one slice panel
 DPI = 100
@@ -89,14 +89,22 @@ def crop_around(volume: Tensor, centre: Sequence[int], size: Sequence[int]) -> t
     return volume[(slice(None), *window)], starts
 
 
+def level_strides(backbone: FPN3d) -> list[int]:
+    """The stride (input voxels per cell, in every axis) of each pyramid level, finest first: ``2 ** (first_shift +
+    i)``, with ``first_shift`` as `scripts.networks.backbones.MonaiBackbone` records it (FPN3d: 0, its finest level
+    is the input's)."""
+    return [2 ** (getattr(backbone, "first_shift", 0) + i) for i in range(len(backbone.out_channels))]
+
+
 @torch.no_grad()
 def embed(backbone: FPN3d, image: Tensor) -> list[Tensor]:
-    """(1, X, Y, Z) image -> the pyramid of (C_i, ceil(X / 2^i), ...) voxel embeddings, finest first, float32."""
+    """(1, X, Y, Z) image -> the pyramid of (C_i, ceil(X / s_i), ...) voxel embeddings, finest first, float32, where
+    ``s_i`` is level i's stride (`level_strides`)."""
     return [level[0].float() for level in backbone(image[None].float())]
 
 
 def _upsample(level: Tensor, stride: int, size: Sequence[int]) -> Tensor:
-    """(C, X_i, Y_i, Z_i) at ``stride`` 2^i -> (C, X, Y, Z): each voxel ``v`` reads ``v // 2^i``, as in pretraining."""
+    """(C, X_i, Y_i, Z_i) at ``stride`` -> (C, X, Y, Z): each voxel ``v`` reads ``v // stride``, as in pretraining."""
     up = level.repeat_interleave(stride, 1).repeat_interleave(stride, 2).repeat_interleave(stride, 3)
     return up[:, : size[0], : size[1], : size[2]]
 
@@ -116,15 +124,15 @@ def pca_rgb(level: Tensor, stride: int, size: Sequence[int]) -> np.ndarray:
     return _upsample(rgb.view(3, *level.shape[1:]), stride, size).permute(1, 2, 3, 0).numpy()
 
 
-def similarity(pyramid: list[Tensor], query: Sequence[int]) -> np.ndarray:
-    """Cosine similarity to the ``query`` voxel (full-resolution index), the mean over levels of each level's cosine
-    between every voxel and the query's cell ``query // 2^i``: an (X, Y, Z) volume in [-1, 1]."""
-    size = pyramid[0].shape[1:]
-    total = torch.zeros(size)
-    for i, level in enumerate(pyramid):
+def similarity(pyramid: list[Tensor], strides: Sequence[int], query: Sequence[int], size: Sequence[int]) -> np.ndarray:
+    """Cosine similarity to the ``query`` voxel (an index of the (X, Y, Z) = ``size`` input), the mean over levels of
+    each level's cosine between every voxel and the query's cell ``query // s_i`` (``s_i`` = ``strides[i]``): an
+    (X, Y, Z) volume in [-1, 1]."""
+    total = torch.zeros(tuple(size))
+    for level, stride in zip(pyramid, strides, strict=True):
         unit = F.normalize(level, dim=0)
-        q = unit[:, query[0] >> i, query[1] >> i, query[2] >> i]
-        total += _upsample(torch.einsum("cxyz,c->xyz", unit, q)[None], 2**i, size)[0]
+        q = unit[:, query[0] // stride, query[1] // stride, query[2] // stride]
+        total += _upsample(torch.einsum("cxyz,c->xyz", unit, q)[None], stride, size)[0]
     return (total / len(pyramid)).numpy()
 
 
@@ -135,8 +143,9 @@ def _slices(volume: np.ndarray, voxel: Sequence[int]) -> list[np.ndarray]:
 
 
 def figure(columns: list[dict]):
-    """The figure: per column group (``name``, ``image`` (X, Y, Z), ``levels`` [(X, Y, Z, 3)], ``similarity``,
-    ``voxel``, ``spacing``), rows image, one PCA row per level, similarity; three views each."""
+    """The figure: per column group (``name``, ``image`` (X, Y, Z), ``levels`` [(X, Y, Z, 3)] with their ``strides``
+    (voxels), ``similarity`` (X, Y, Z), ``voxel``, ``spacing`` (mm)), rows image, one PCA row per level, similarity;
+    three views each."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -154,7 +163,10 @@ def figure(columns: list[dict]):
         x, y, z = column["voxel"]
         marks = ((x, y), (x, z), (y, z))  # the query voxel in each view (horizontal, vertical)
         panels = [("image", column["image"], {"cmap": "gray"})]
-        panels += [(f"level {i} PCA", rgb, {}) for i, rgb in enumerate(column["levels"])]
+        panels += [
+            (f"level {i} PCA, stride {stride}", rgb, {})
+            for i, (rgb, stride) in enumerate(zip(column["levels"], column["strides"], strict=True))
+        ]
         panels += [("similarity", column["similarity"], {"cmap": "magma", "vmin": -1, "vmax": 1})]
         for r, (label, volume, style) in enumerate(panels):
             row = r if label != "similarity" else rows - 1
@@ -189,13 +201,15 @@ def column(path: str, image_file: str, voxel: Sequence[int] | None, crop: Sequen
     window, starts = crop_around(image.as_tensor(), centre, crop)
     query = [c - s for c, s in zip(centre, starts, strict=True)]
     pyramid = embed(backbone, window)
+    strides = level_strides(backbone)
     size = window.shape[1:]
     name = f"{Path(path).name}: FPN3d {info['base_channels']}/{info['num_scales']}, {modality}"
     return {
         "name": name,
         "image": window[0].numpy(),
-        "levels": [pca_rgb(level, 2**i, size) for i, level in enumerate(pyramid)],
-        "similarity": similarity(pyramid, query),
+        "levels": [pca_rgb(level, stride, size) for level, stride in zip(pyramid, strides, strict=True)],
+        "strides": strides,
+        "similarity": similarity(pyramid, strides, query, size),
         "voxel": query,
         "spacing": PRESETS[modality]["pixdim"],
     }

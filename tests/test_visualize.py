@@ -48,3 +48,14 @@ def test_a_file_without_a_backbone_is_named(inputs):
     torch.save({"head.weight": torch.zeros(2)}, inputs / "head.pt")
     with pytest.raises(BundleError, match="head.pt"):
         visualize.load(inputs / "head.pt")
+
+
+def test_similarity_reads_each_level_at_its_stride():
+    """A UNet-like pyramid on an 8^3 input: levels at strides 2 and 4, no full-resolution level."""
+    torch.manual_seed(0)
+    pyramid, query = [torch.randn(6, 4, 4, 4), torch.randn(6, 2, 2, 2)], (5, 2, 7)
+    sim = visualize.similarity(pyramid, [2, 4], query, (8, 8, 8))
+    assert sim.shape == (8, 8, 8)
+    assert sim[query] == pytest.approx(1.0, abs=1e-5)
+    assert sim[4, 3, 6] == pytest.approx(1.0, abs=1e-5)  # the same cell at both strides: (2, 1, 3) and (1, 0, 1)
+    assert sim[3, 2, 7] < 1 - 1e-3  # another stride-2 cell
