@@ -12,11 +12,14 @@ the query voxel's (the mean over levels of the per-level cosine, so every scale 
 vectors). A network that learned nothing shows noise or plain intensity; a useful one shows anatomy at the fine levels,
 regions at the coarse ones, and lights up tissue like the query's.
 
-The architecture comes from the file (``scripts.engine.weights.read_info``: its sidecar, or its tensor shapes), the
-preprocessing is the bundle's (``scripts.data.preprocessing.preprocessing``) with the file's modality preset when it
-records one, else ``--modality``. The network sees one crop of the preprocessed volume, ``--crop`` voxels centred on
-the query voxel (the whole volume when smaller; padded to the crop size when the volume is), so that the demo backbone
-takes seconds on a CPU.
+Any backbone file the bundle writes is taken, its architecture read from the file
+(``scripts.engine.weights.read_info``): an FPN3d from its sidecar or its tensor shapes, a MONAI network
+(``scripts.networks.backbones``: SegResNet, DynUNet, UNet) from its sidecar's ``backbone`` and ``backbone_args``. Each
+PCA row is labelled with its level's stride, since a UNet has no full-resolution level (its level i is at stride
+2^(i+1)). The preprocessing is the bundle's (``scripts.data.preprocessing.preprocessing``) with the file's modality
+preset when it records one, else ``--modality``. The network sees one crop of the preprocessed volume, ``--crop`` voxels
+centred on the query voxel (the whole volume when smaller; padded to the crop size when the volume is), so that the demo
+backbone takes seconds on a CPU; for a MONAI network each side must be a multiple of its coarsest level's stride.
 """
 
 from __future__ import annotations
@@ -44,7 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--output", default="runs/visualization.png", help="PNG file to write")
     parser.add_argument("--modality", default="mri", choices=PRESET_NAMES, help="preset when the file records none")
-    parser.add_argument("--crop", nargs=3, type=int, default=[96, 96, 64], help="voxels embedded around the query")
+    parser.add_argument(
+        "--crop",
+        nargs=3,
+        type=int,
+        default=[96, 96, 64],
+        help="voxels embedded around the query (MONAI backbones: multiples of the coarsest stride)",
+    )
     return parser
 
 
@@ -58,6 +67,7 @@ import torch.nn.functional as F  # noqa: E402
 from scripts.data.preprocessing import PRESETS, preprocessing  # noqa: E402, F401
 from scripts.engine.weights import read_info  # noqa: E402
 from scripts.import_weights import load_backbone  # noqa: E402
+from scripts.networks.backbones import BACKBONES, MonaiBackbone, load_pretrained  # noqa: E402
 from scripts.networks.fpn3d import FPN3d  # noqa: E402
 from scripts.utils import errors, log  # noqa: E402
 from scripts.utils.errors import BundleError  # noqa: E402
@@ -65,20 +75,51 @@ from torch import Tensor  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["load", "level_strides", "embed", "pca_rgb", "similarity", "figure", "main"]
+__all__ = ["load", "check_crop", "level_strides", "embed", "pca_rgb", "similarity", "figure", "main"]
 
 PANEL_INCHES = 1.6  # side of one slice panel
 DPI = 100
 VIEWS = ("axial", "coronal", "sagittal")
 
 
-def load(path: str | Path) -> tuple[FPN3d, dict]:
-    """The backbone of a weight file, built from what the file says it is, and that description."""
+def load(path: str | Path) -> tuple[FPN3d | MonaiBackbone, dict]:
+    """The backbone of a weight file, built from what the file says it is, in eval mode, and that description: an
+    FPN3d, or a MONAI network (`scripts.networks.backbones.MonaiBackbone`) as its sidecar's ``backbone`` and
+    ``backbone_args`` record, loaded as fine-tuning loads it."""
     info = read_info(path)
+    name = info.get("backbone", "fpn3d")
+    if name != "fpn3d":
+        if name not in BACKBONES:
+            raise BundleError(
+                f"{path}: its sidecar names backbone {name!r}, none of the bundle's ({', '.join(BACKBONES)})"
+            )
+        backbone = MonaiBackbone(name, info.get("backbone_args"))
+        load_pretrained(str(path), backbone)
+        return backbone.eval(), info
     if "base_channels" not in info or "num_scales" not in info:
-        raise BundleError(f"{path}: holds no FPN3d backbone (no JSON sidecar and no 'first_conv.weight' tensor)")
+        raise BundleError(
+            f"{path}: holds no backbone (no JSON sidecar naming one, and no FPN3d 'first_conv.weight' tensor)"
+        )
     backbone = FPN3d(info.get("in_channels", 1), info["base_channels"], info["num_scales"])
     return load_backbone(str(path), backbone).eval(), info
+
+
+def check_crop(backbone: FPN3d | MonaiBackbone, crop: Sequence[int]) -> None:
+    """Refuses a ``--crop`` (voxels) that the backbone cannot embed: a MONAI network's decoder joins each level to its
+    skip connection, so every side must be a multiple of its coarsest stride (FPN3d pools in ceil mode: any size).
+
+    Raises:
+        BundleError: naming ``--crop`` and the nearest sizes that fit.
+    """
+    if not isinstance(backbone, MonaiBackbone):
+        return
+    factor = level_strides(backbone)[-1]
+    if any(s % factor for s in crop):
+        nearest = [max(factor, round(s / factor) * factor) for s in crop]
+        raise BundleError(
+            f"--crop {' '.join(map(str, crop))} does not fit {type(backbone.network).__name__}: its coarsest level has "
+            f"stride {factor}, so every side must be a multiple of {factor}; give --crop {' '.join(map(str, nearest))}"
+        )
 
 
 def crop_around(volume: Tensor, centre: Sequence[int], size: Sequence[int]) -> tuple[Tensor, list[int]]:
@@ -89,7 +130,7 @@ def crop_around(volume: Tensor, centre: Sequence[int], size: Sequence[int]) -> t
     return volume[(slice(None), *window)], starts
 
 
-def level_strides(backbone: FPN3d) -> list[int]:
+def level_strides(backbone: FPN3d | MonaiBackbone) -> list[int]:
     """The stride (input voxels per cell, in every axis) of each pyramid level, finest first: ``2 ** (first_shift +
     i)``, with ``first_shift`` as `scripts.networks.backbones.MonaiBackbone` records it (FPN3d: 0, its finest level
     is the input's)."""
@@ -97,7 +138,7 @@ def level_strides(backbone: FPN3d) -> list[int]:
 
 
 @torch.no_grad()
-def embed(backbone: FPN3d, image: Tensor) -> list[Tensor]:
+def embed(backbone: FPN3d | MonaiBackbone, image: Tensor) -> list[Tensor]:
     """(1, X, Y, Z) image -> the pyramid of (C_i, ceil(X / s_i), ...) voxel embeddings, finest first, float32, where
     ``s_i`` is level i's stride (`level_strides`)."""
     return [level[0].float() for level in backbone(image[None].float())]
@@ -189,6 +230,7 @@ def figure(columns: list[dict]):
 def column(path: str, image_file: str, voxel: Sequence[int] | None, crop: Sequence[int], modality: str) -> dict:
     """One backbone's column group: load, preprocess, crop around the query, embed, reduce."""
     backbone, info = load(path)
+    check_crop(backbone, crop)
     modality = info.get("modality") or modality
     data = preprocessing(modality, crop)({"image": image_file})
     image = data["image"]
@@ -203,7 +245,11 @@ def column(path: str, image_file: str, voxel: Sequence[int] | None, crop: Sequen
     pyramid = embed(backbone, window)
     strides = level_strides(backbone)
     size = window.shape[1:]
-    name = f"{Path(path).name}: FPN3d {info['base_channels']}/{info['num_scales']}, {modality}"
+    if isinstance(backbone, MonaiBackbone):
+        architecture = type(backbone.network).__name__
+    else:
+        architecture = f"FPN3d {info['base_channels']}/{info['num_scales']}"
+    name = f"{Path(path).name}: {architecture}, {modality}"
     return {
         "name": name,
         "image": window[0].numpy(),

@@ -6,8 +6,16 @@ import numpy as np
 import pytest
 import torch
 from scripts import visualize
+from scripts.engine.handlers import ExportBackbone
+from scripts.networks.backbones import MonaiBackbone
 from scripts.networks.fpn3d import FPN3d
 from scripts.utils.errors import BundleError
+
+# Tiny MONAI backbones: SegResNet's levels at strides 1, 2, 4; UNet's at 2, 4 (it has no full-resolution level).
+MONAI = {
+    "segresnet": {"init_filters": 8, "blocks_down": [1, 1, 1], "blocks_up": [1, 1]},
+    "unet": {"channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 1},
+}
 
 
 @pytest.fixture
@@ -48,6 +56,44 @@ def test_a_file_without_a_backbone_is_named(inputs):
     torch.save({"head.weight": torch.zeros(2)}, inputs / "head.pt")
     with pytest.raises(BundleError, match="head.pt"):
         visualize.load(inputs / "head.pt")
+    (inputs / "head.json").write_text('{"kind": "backbone", "backbone": "vnet"}')
+    with pytest.raises(BundleError, match="head.pt: its sidecar names backbone 'vnet'"):
+        visualize.load(inputs / "head.pt")
+
+
+def _export(folder, name):
+    """A MONAI backbone's weight file and sidecar, written by the handler that ends pretraining."""
+    torch.manual_seed(0)
+    path = folder / f"{name}.pt"
+    ExportBackbone(MonaiBackbone(name, MONAI[name]), str(path), {"modality": "mri", "method": "dhr"})(None)
+    return path
+
+
+@pytest.mark.parametrize("name", MONAI)
+def test_draws_a_monai_backbone_from_the_file_pretraining_exports(inputs, name):
+    output = inputs / f"{name}.png"
+    argv = ["--backbone", str(_export(inputs, name)), "--image", str(inputs / "image.nii.gz"), "--output", str(output)]
+    visualize.main([*argv, "--crop", "16", "16", "16"])
+    rows = 2 + len(MonaiBackbone(name, MONAI[name]).out_channels)
+    height, width = matplotlib.image.imread(output).shape[:2]
+    assert (width, height) == (
+        round(3 * visualize.PANEL_INCHES * visualize.DPI),
+        round((rows * visualize.PANEL_INCHES + 0.4) * visualize.DPI),
+    )
+
+
+def test_unet_levels_without_a_full_resolution_level_fill_the_window(inputs):
+    column = visualize.column(str(_export(inputs, "unet")), str(inputs / "image.nii.gz"), None, (16, 16, 8), "mri")
+    assert column["strides"] == [2, 4] and column["name"].endswith("UNet, mri")
+    assert all(rgb.shape == (16, 16, 8, 3) for rgb in column["levels"])
+    x, y, z = column["voxel"]
+    assert column["similarity"].shape == (16, 16, 8)
+    assert column["similarity"][x, y, z] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_a_crop_the_monai_backbone_cannot_embed_is_refused_naming_the_option(inputs):
+    with pytest.raises(BundleError, match=r"--crop 18 16 12 does not fit UNet: .* give --crop 16 16 12"):
+        visualize.column(str(_export(inputs, "unet")), str(inputs / "image.nii.gz"), None, (18, 16, 12), "mri")
 
 
 def test_similarity_reads_each_level_at_its_stride():
