@@ -1,6 +1,6 @@
 """Packages the bundle for the MONAI Model Zoo: submission folder, release zip, weight files to upload and unit test.
 
-    python -m scripts.tools.release --version 0.5.0 --base_url https://host/path --model runs/train/model.pt \\
+    python -m scripts.tools.release --version 0.5.1 --base_url https://host/path --model runs/train/model.pt \\
         --backbone runs/pretrain/pretrained_backbone.pt
 
 writes into ``--output_dir`` (default ``release/``):
