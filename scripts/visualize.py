@@ -94,7 +94,7 @@ def load(path: str | Path) -> tuple[FPN3d | MonaiBackbone, dict]:
                 f"{path}: its sidecar names backbone {name!r}, none of the bundle's ({', '.join(BACKBONES)})"
             )
         backbone = MonaiBackbone(name, info.get("backbone_args"))
-        load_pretrained(str(path), backbone)
+        load_pretrained(str(path), backbone, key="--backbone")
         return backbone.eval(), info
     if "base_channels" not in info or "num_scales" not in info:
         raise BundleError(

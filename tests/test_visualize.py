@@ -1,5 +1,7 @@
 """scripts.visualize: a PNG of the image, per-level PCA and query similarity, one column group per backbone."""
 
+import json
+
 import matplotlib.image
 import nibabel as nib
 import numpy as np
@@ -89,6 +91,15 @@ def test_unet_levels_without_a_full_resolution_level_fill_the_window(inputs):
     x, y, z = column["voxel"]
     assert column["similarity"].shape == (16, 16, 8)
     assert column["similarity"][x, y, z] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_a_monai_file_that_does_not_fit_its_sidecar_is_named_with_the_option_that_gave_it(inputs):
+    path = _export(inputs, "unet")
+    sidecar = json.loads((inputs / "unet.json").read_text())
+    sidecar["backbone_args"] = {**sidecar["backbone_args"], "channels": [8, 16, 32]}  # not the file's widths
+    (inputs / "unet.json").write_text(json.dumps(sidecar))
+    with pytest.raises(BundleError, match=r"^--backbone .*unet\.pt does not fit unet"):
+        visualize.load(path)
 
 
 def test_a_crop_the_monai_backbone_cannot_embed_is_refused_naming_the_option(inputs):

@@ -257,24 +257,29 @@ def describe(backbone: nn.Module) -> dict:
     return {k: getattr(backbone, k, None) for k in ("in_channels", "base_channels", "num_scales")}
 
 
-def load_pretrained(path: str, backbone: MonaiBackbone) -> None:
+def load_pretrained(path: str, backbone: MonaiBackbone, key: str = "pretrained_ckpt") -> None:
     """Loads the pretrained MONAI network at `path` (a plain state dict, as exported) into `backbone`, all but its
     output layer, which was never trained and may differ in width (``out_channels`` = the classes when fine-tuning).
 
+    Args:
+        path: the weight file.
+        backbone: the network its sidecar describes.
+        key: the option or config key that gave `path`, named in the errors.
+
     Raises:
-        BundleError: naming `path`, when it does not exist or its tensors do not fit the network.
+        BundleError: naming `key` and `path`, when it does not exist or its tensors do not fit the network.
     """
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError as err:
-        raise BundleError(f"pretrained_ckpt {path} does not exist: give the path of an existing weight file") from err
+        raise BundleError(f"{key} {path} does not exist: give the path of an existing weight file") from err
     expected = backbone.network.state_dict()
     body = {k: v for k, v in state.items() if k not in backbone.head_keys(state)}
     wanted = {k: v for k, v in expected.items() if k not in backbone.head_keys(expected)}
     wrong = sorted(set(body) ^ set(wanted)) + [k for k in body if k in wanted and body[k].shape != wanted[k].shape]
     if wrong:
         raise BundleError(
-            f"pretrained_ckpt {path} does not fit {backbone.backbone} with arguments {backbone.args} ({len(wrong)} "
+            f"{key} {path} does not fit {backbone.backbone} with arguments {backbone.args} ({len(wrong)} "
             f"tensors differ, e.g. {', '.join(wrong[:3])}): give the file its sidecar, as pretraining wrote it"
         )
     backbone.network.load_state_dict(body, strict=False)
