@@ -7,13 +7,12 @@ Usage::
         [--base_channels 16] [--num_scales 6]
 
 The architecture is read from SRC's tensor shapes; ``--base_channels``/``--num_scales`` are only checked against it.
-Accepted inputs: a plain `FPN3d` state dict (vox2vec's release), a PyTorch Lightning checkpoint
-``{"state_dict": ...}`` (DHR's release), keys prefixed ``backbone.`` (a full pretraining checkpoint; the heads are
-dropped), this bundle's own training checkpoint ``{"network": ...}``, and a checkpoint folder (its newest
-``checkpoint_iteration=N.pt``, looked for in the folder and in its ``checkpoints/``). A leading ``module.``
-(DataParallel) is stripped. The modality preset, patch size and method come from SRC's ``.json`` sidecar (a weight file
-of this bundle) or a bundle checkpoint's run identity (an ``identity`` or ``run`` entry) when it has one, else from the
-options; what none tells is recorded as null. DST may not be SRC, nor share its sidecar.
+Accepted inputs: every checkpoint form `scripts.networks.pretrained` reads (the authors' releases, a full pretraining
+checkpoint, this bundle's training checkpoint), and a checkpoint folder (its newest ``checkpoint_iteration=N.pt``,
+looked for in the folder and in its ``checkpoints/``). The modality preset, patch size and method come from SRC's
+``.json`` sidecar (a weight file of this bundle) or a bundle checkpoint's run identity (an ``identity`` or ``run``
+entry) when it has one, else from the options; what none tells is recorded as null. DST may not be SRC, nor share its
+sidecar.
 """
 
 import argparse
@@ -44,100 +43,16 @@ def build_parser() -> argparse.ArgumentParser:
 if __name__ == "__main__":
     build_parser().parse_args()  # --help and argument errors answer before torch and MONAI are imported
 
-import torch  # noqa: E402
 from scripts.engine.runs import checkpoints  # noqa: E402
 from scripts.engine.weights import infer_info, matches, save_weights, sidecar  # noqa: E402
 from scripts.networks.fpn3d import FPN3d  # noqa: E402
+from scripts.networks.pretrained import backbone_state, read_checkpoint  # noqa: E402
 from scripts.utils import errors, log  # noqa: E402
 from scripts.utils.errors import BundleError  # noqa: E402
-from torch import Tensor  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["extract_backbone_state", "load_backbone", "checkpoint_file", "import_backbone", "main"]
-
-_FPN_MODULES = {"first_conv", "left_blocks", "down_blocks", "bottom_block", "up_blocks", "skip_blocks", "right_blocks"}
-
-
-def _strip(prefix: str, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    return {k.removeprefix(prefix): v for k, v in state.items()}
-
-
-def extract_backbone_state(checkpoint: Mapping) -> dict[str, Tensor]:
-    """Returns the `FPN3d` state dict held by `checkpoint`, in any of the forms listed in the module docstring.
-
-    Raises:
-        ValueError: when no `FPN3d` parameter names are found.
-    """
-    state = checkpoint
-    for container in ("network", "state_dict"):
-        if isinstance(state.get(container), Mapping):
-            state = state[container]
-            break
-    state = _strip("module.", state)
-    if any(k.startswith("backbone.") for k in state):
-        state = _strip("backbone.", {k: v for k, v in state.items() if k.startswith("backbone.")})
-    if not any(k.split(".", 1)[0] in _FPN_MODULES for k in state):
-        found = ", ".join(list(state)[:5]) or "none"
-        raise ValueError(f"no FPN3d weights found (expected keys such as 'first_conv.weight'; found: {found})")
-    return state
-
-
-def _read_checkpoint(path: str | os.PathLike) -> Mapping:
-    """The dictionary saved at ``path`` (weights only).
-
-    Raises:
-        FileNotFoundError: when ``path`` does not exist.
-        ValueError: naming ``path``, when it is not a readable PyTorch file holding a dictionary.
-    """
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types (pickle, zip, RuntimeError) for unreadable files
-        raise ValueError(f"{path}: cannot be read as a weights-only PyTorch checkpoint ({err})") from err
-    if not isinstance(checkpoint, Mapping):
-        raise ValueError(f"{path}: expected a state dict or a checkpoint dictionary, got {type(checkpoint).__name__}")
-    return checkpoint
-
-
-def _backbone_state(path: str | os.PathLike, checkpoint: Mapping) -> dict[str, Tensor]:
-    try:
-        return extract_backbone_state(checkpoint)
-    except ValueError as err:
-        raise ValueError(f"{path}: {err}") from err
-
-
-def load_backbone(path: str, backbone: FPN3d) -> FPN3d:
-    """Loads the backbone weights held by the checkpoint at `path` into `backbone` (strictly) and returns it.
-
-    Raises:
-        FileNotFoundError: when `path` does not exist.
-        ValueError: naming `path`, when the file holds no `FPN3d` weights or they do not fit `backbone`.
-    """
-    state = _backbone_state(path, _read_checkpoint(path))
-
-    expected = backbone.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    mismatched = [
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state and state[k].shape != v.shape
-    ]
-    if missing or unexpected or mismatched:
-        problems = [
-            f"{len(found)} {what} (e.g. {', '.join(found[:3])})"
-            for what, found in (("missing", missing), ("unexpected", unexpected), ("shape-mismatched", mismatched))
-            if found
-        ]
-        raise ValueError(
-            f"{path}: weights do not fit FPN3d(in_channels={backbone.in_channels}, base_channels="
-            f"{backbone.base_channels}, num_scales={backbone.num_scales}): {'; '.join(problems)}. Check "
-            "--base_channels/--num_scales (DHR: 32/5, vox2vec: 16/6)."
-        )
-    backbone.load_state_dict(state, strict=True)
-    return backbone
+__all__ = ["checkpoint_file", "import_backbone", "main"]
 
 
 def checkpoint_file(src: str | os.PathLike) -> Path:
@@ -214,8 +129,8 @@ def import_backbone(src: str | os.PathLike, dst: str | os.PathLike, **given) -> 
     path = checkpoint_file(src)
     _refuse_overwriting(path, Path(dst))
     try:
-        checkpoint = _read_checkpoint(path)
-        state = _backbone_state(path, checkpoint)
+        checkpoint = read_checkpoint(path)
+        state = backbone_state(path, checkpoint)
     except (FileNotFoundError, ValueError) as err:
         raise BundleError(str(err)) from err
     described = {  # what the file records, by where it is recorded (named in messages)

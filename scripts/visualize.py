@@ -66,9 +66,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from scripts.data.preprocessing import PRESETS, preprocessing  # noqa: E402, F401
 from scripts.engine.weights import read_info  # noqa: E402
-from scripts.import_weights import load_backbone  # noqa: E402
-from scripts.networks.backbones import BACKBONES, MonaiBackbone, load_pretrained  # noqa: E402
+from scripts.networks.backbones import BACKBONES, MonaiBackbone  # noqa: E402
 from scripts.networks.fpn3d import FPN3d  # noqa: E402
+from scripts.networks.pretrained import load_backbone, load_pretrained  # noqa: E402
 from scripts.utils import errors, log  # noqa: E402
 from scripts.utils.errors import BundleError  # noqa: E402
 from torch import Tensor  # noqa: E402

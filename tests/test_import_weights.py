@@ -7,8 +7,9 @@ import torch
 from authors_layout import authors_state as authors_layout_state
 from bundle import HELP_LIMIT, command_env, run_command
 from scripts.engine.weights import read_info, save_weights, sidecar
-from scripts.import_weights import extract_backbone_state, import_backbone, load_backbone, main
+from scripts.import_weights import import_backbone, main
 from scripts.networks.fpn3d import FPN3d, dhr_network
+from scripts.networks.pretrained import extract_backbone_state, load_backbone
 from scripts.utils.errors import BundleError
 
 

@@ -13,8 +13,8 @@ from bundle import PRETRAIN_TINY, ROOT, monai_bundle_run, run_workflow
 from ignite.handlers import Checkpoint
 from monai.bundle import ConfigParser
 from scripts.engine.handlers import GradientClipping
-from scripts.import_weights import extract_backbone_state
 from scripts.networks.fpn3d import FPN3d
+from scripts.networks.pretrained import extract_backbone_state
 from scripts.ssl.local_augmentations import LocalAugmentations
 from scripts.ssl.pcrl import (
     PCRLBatch,

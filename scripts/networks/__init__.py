@@ -1,4 +1,5 @@
-"""Networks: the FPN3d backbone, multiscale projections and heads, the downstream segmentation network."""
+"""Networks: the FPN3d backbone, MONAI backbones, multiscale projections and heads, pretrained weights into them, the
+downstream segmentation network."""
 
 from scripts import lazy_submodules
 

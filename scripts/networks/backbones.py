@@ -20,22 +20,12 @@ from functools import partial
 from typing import Any
 
 import monai.networks.nets as nets
-import torch
 import torch.nn as nn
 from monai.networks.layers.simplelayers import SkipConnection
 from scripts.utils.errors import BundleError
 from torch import Tensor
 
-__all__ = [
-    "BACKBONES",
-    "MonaiBackbone",
-    "network_args",
-    "run_identity",
-    "sidecar_info",
-    "check_backbone",
-    "describe",
-    "load_pretrained",
-]
+__all__ = ["BACKBONES", "MonaiBackbone", "network_args", "run_identity", "sidecar_info", "check_backbone", "describe"]
 
 # The values of the `backbone` key: FPN3d (this bundle's) and MONAI's networks by their class.
 BACKBONES = {"fpn3d": None, "segresnet": nets.SegResNet, "dynunet": nets.DynUNet, "unet": nets.UNet}
@@ -255,31 +245,3 @@ def describe(backbone: nn.Module) -> dict:
             "backbone_args": backbone.args,
         }
     return {k: getattr(backbone, k, None) for k in ("in_channels", "base_channels", "num_scales")}
-
-
-def load_pretrained(path: str, backbone: MonaiBackbone, key: str = "pretrained_ckpt") -> None:
-    """Loads the pretrained MONAI network at `path` (a plain state dict, as exported) into `backbone`, all but its
-    output layer, which was never trained and may differ in width (``out_channels`` = the classes when fine-tuning).
-
-    Args:
-        path: the weight file.
-        backbone: the network its sidecar describes.
-        key: the option or config key that gave `path`, named in the errors.
-
-    Raises:
-        BundleError: naming `key` and `path`, when it does not exist or its tensors do not fit the network.
-    """
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError as err:
-        raise BundleError(f"{key} {path} does not exist: give the path of an existing weight file") from err
-    expected = backbone.network.state_dict()
-    body = {k: v for k, v in state.items() if k not in backbone.head_keys(state)}
-    wanted = {k: v for k, v in expected.items() if k not in backbone.head_keys(expected)}
-    wrong = sorted(set(body) ^ set(wanted)) + [k for k in body if k in wanted and body[k].shape != wanted[k].shape]
-    if wrong:
-        raise BundleError(
-            f"{key} {path} does not fit {backbone.backbone} with arguments {backbone.args} ({len(wrong)} "
-            f"tensors differ, e.g. {', '.join(wrong[:3])}): give the file its sidecar, as pretraining wrote it"
-        )
-    backbone.network.load_state_dict(body, strict=False)

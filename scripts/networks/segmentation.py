@@ -15,9 +15,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from ignite.engine import Engine, Events
 from monai.losses import DiceLoss
-from scripts.import_weights import load_backbone
-from scripts.networks.backbones import MonaiBackbone, load_pretrained
+from scripts.networks.backbones import MonaiBackbone
 from scripts.networks.fpn3d import FPN3d, ResBlock3d
+from scripts.networks.pretrained import load_backbone, load_pretrained
 from scripts.utils.distributed import data_parallel, unwrap
 from scripts.utils.errors import BundleError, InvalidInputError
 from torch import Tensor
@@ -241,8 +241,8 @@ def segmentation_network(
         num_scales: number of pyramid levels (FPN3d; DHR 5, vox2vec 6).
         head: ``"linear"`` (`LinearFPNHead`), ``"nonlinear"`` (vox2vec's `FPNNonLinearHead`), or ``"own"`` (a MONAI
             backbone's own output layer, `OwnHeadSegmentationNet`); None: `default_head`.
-        pretrained_ckpt: backbone checkpoint in any form `scripts.import_weights.load_backbone` accepts (FPN3d), or a
-            MONAI backbone as pretraining exported it; None trains from scratch.
+        pretrained_ckpt: backbone checkpoint in any form `scripts.networks.pretrained.load_backbone` accepts (FPN3d),
+            or a MONAI backbone as pretraining exported it; None trains from scratch.
         activation_checkpointing: recompute the backbone's residual stages in the backward pass (`FPN3d`).
         backbone: ``fpn3d``, or MONAI's ``segresnet``, ``dynunet``, ``unet`` (`scripts.networks.backbones`).
         backbone_args: the MONAI network's arguments, as the backbone's sidecar records them.
