@@ -178,9 +178,12 @@ def cache_folder(
     pixdim: Sequence[float] | None = None,
 ) -> Path:
     """The folder of one dataset source and one preprocessing transform (:func:`folder_description`)."""
-    d = folder_description(datalist, modality, patch_size, pixdim)
+    return _folder(cache_dir, folder_description(datalist, modality, patch_size, pixdim))
+
+
+def _folder(cache_dir: str | os.PathLike, d: dict) -> Path:
     key = _hash(d["definition"], d["monai"], d["source"], d["preset"], d["patch_size"])
-    return Path(cache_dir) / f"{_readable(os.path.basename(d['source']))}-{modality}-{key}"
+    return Path(cache_dir) / f"{_readable(os.path.basename(d['source']))}-{d['modality']}-{key}"
 
 
 def _describe(folder: Path, description: dict) -> None:
@@ -592,11 +595,11 @@ def prepare_volumes(
         entry folders (for :func:`open_volume`), in datalist order, without the skipped volumes (each is warned about,
         as are suspicious volumes, see `scripts.data.preprocessing.CheckVolumed`).
     """
-    folder = cache_folder(cache_dir, datalist, modality, patch_size, pixdim)
+    description = folder_description(datalist, modality, patch_size, pixdim)
+    folder = _folder(cache_dir, description)
     if not is_main():
         return [meta["entry"] for meta in wait_for_entries(datalist, folder) if not meta["skipped"]]
     folder.mkdir(parents=True, exist_ok=True)
-    description = folder_description(datalist, modality, patch_size, pixdim)
     _describe(folder, description)
     if superseded := superseded_folders(folder, description):
         gigabytes = sum(map(_size, superseded)) / 1e9
